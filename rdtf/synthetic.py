@@ -489,9 +489,18 @@ class StickerSample:
         return {**record, "split": self.split, "heldout": self.heldout}
 
 
+#: Keeps the split shuffle independent of the sticker sampling stream.
+SPLIT_STREAM = 0x5B117
+
+
 def emoji_splits(split_seed: int = 0) -> dict[str, tuple[EmojiName, ...]]:
-    """The curated emoji shuffled by ``split_seed`` and cut 80/10/10 into train / val / test."""
-    order = np.random.default_rng(split_seed).permutation(len(EMOJI))
+    """The curated emoji shuffled by ``split_seed`` and cut 80/10/10 into train / val / test.
+
+    The shuffle draws from its own random stream: with ``default_rng(split_seed)`` it would
+    equal the emoji order of ``sample_specs(seed=split_seed)``, and a small set would then
+    take all its emoji from the train split.
+    """
+    order = np.random.default_rng((SPLIT_STREAM, split_seed)).permutation(len(EMOJI))
     bounds = np.round(np.cumsum((0.0, *SPLIT_FRACTIONS)) * len(EMOJI)).astype(int)
     return {name: tuple(EMOJI[i] for i in order[a:b]) for name, a, b in zip(SPLITS, bounds[:-1], bounds[1:])}
 

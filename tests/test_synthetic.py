@@ -387,3 +387,12 @@ def test_build_reuses_replaces_and_refuses(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert (build_sticker_set(empty, count=2, size=SIZE, progress=False) / "set.json").is_file()
+
+
+def test_small_sets_draw_from_every_split():
+    """Regression: the split shuffle once shared its seed with the sampling order, so
+    sample_specs(60) took all its emoji from the train split."""
+    counts = {split: 0 for split in SPLITS}
+    for sample in sample_specs(60):
+        counts[sample.split] += 1
+    assert counts["val"] > 0 and counts["test"] > 0
