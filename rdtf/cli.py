@@ -48,10 +48,135 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(report.summary())
 
 
+def _lora_spec(text: str) -> tuple[str, float]:
+    """``PATH[:SCALE]`` → (path, scale)."""
+    path, _, scale = text.rpartition(":") if ":" in text else (text, "", "1")
+    try:
+        return path, float(scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected PATH or PATH:SCALE with a number as SCALE") from None
+
+
+def _pipeline(args: argparse.Namespace):
+    import torch
+
+    from rdtf.lora import load_lora
+    from rdtf.pipeline import RDTFPipeline
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    pipeline = RDTFPipeline.from_pretrained(args.base, dtype=dtype, device=args.device, offload=args.offload)
+    for path, scale in args.lora:
+        load_lora(pipeline, path, scale=scale)
+    return pipeline
+
+
+def _sampler_options(args: argparse.Namespace) -> dict:
+    return dict(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+        text_guidance=args.text_guidance, image_guidance=args.image_guidance, scheduler=args.scheduler,
+        seed=args.seed, progress=not args.quiet,
+    )
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from rdtf.io import read_clip
+
+    options = _sampler_options(args)
+    source = read_clip(args.image) if args.image else None
+    if source is not None and source.num_frames > 1 and args.mask is None:
+        raise ValueError(f"{args.image}: has {source.num_frames} frames; pass --mask to say which ones are given")
+    given = {}
+    if source is not None:
+        given = {"image": source.frames[0]} if source.num_frames == 1 else {"frames": source.frames}
+    pipeline = _pipeline(args)
+    clip = pipeline(
+        **given, task=args.task, condition_mask=args.mask, num_frames=args.frames, height=args.height,
+        width=args.width, fps=args.fps, output_path=args.output, **options,
+    )
+    print(f"{clip.num_frames} frames at {clip.fps:.1f} fps written to {args.output}")
+
+
+def cmd_interpolate(args: argparse.Namespace) -> None:
+    from rdtf.io import read_clip, write_clip
+
+    clip = read_clip(args.input)
+    dense = _pipeline(args).interpolate(clip, args.factor, **_sampler_options(args))
+    write_clip(dense, args.output)
+    print(f"{clip.num_frames} frames at {clip.fps:.1f} fps -> {dense.num_frames} frames at {dense.fps:.1f} fps: {args.output}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from rdtf.train import TrainConfig, train
+
+    fields = {spec.name for spec in dataclasses.fields(TrainConfig)}
+    overrides = {name: value for name, value in vars(args).items() if name in fields and value is not None}
+    config = TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig(**overrides)
+    out = train(config)
+    print(f"training output in {out}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from rdtf.backbones import load_backbones
+    from rdtf.data import StickerDataset
+    from rdtf.evaluate import cases_from_items, evaluate_methods, pipeline_method
+    from rdtf.pipeline import RDTFPipeline
+    from rdtf.report import write_report
+
+    dataset = StickerDataset(args.data, split=args.split)
+    items = [dataset[i] for i in range(min(len(dataset), args.limit or len(dataset)))]
+    cases = cases_from_items(items, args.tasks)
+    backbones = load_backbones(clip_path=args.clip_path, i3d_path=args.i3d_path, lpips_net=args.lpips_net)
+    methods = {}
+    for spec in args.model:
+        name, _, path = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
+        pipeline = RDTFPipeline.from_pretrained(path)
+        methods[name] = pipeline_method(pipeline, seed=args.seed, num_inference_steps=args.steps, progress=False)
+    result = evaluate_methods(cases, methods, baselines=not args.no_baselines, backbones=backbones)
+    report = write_report(result, args.out)
+    print(f"report: {report}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from rdtf.demo import run_demo
 
     run_demo(Path(args.workdir), smoke=args.smoke)
+
+
+def _add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", default="assets/rdtf-tiny", help="model folder or hub id (ali-vilab/i2vgen-xl)")
+    parser.add_argument("--lora", type=_lora_spec, action="append", default=[], metavar="PATH[:SCALE]")
+    parser.add_argument("--prompt", default="")
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--text-guidance", type=float, default=9.0)
+    parser.add_argument("--image-guidance", type=float, default=9.0)
+    parser.add_argument("--scheduler", default="ddim", choices=["ddim", "dpm++", "euler"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--offload", action="store_true", help="keep idle components on the CPU (small GPUs)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (``--max-steps``, ``--lora-rank``, ...); they override --config."""
+    import dataclasses
+
+    from rdtf.train import TrainConfig
+
+    parser.add_argument("--config", type=Path, help="YAML file of TrainConfig fields")
+    for spec in dataclasses.fields(TrainConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        kind = str(spec.type)
+        if kind == "bool":
+            parser.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=None)
+        elif kind.startswith("list"):
+            parser.add_argument(flag, dest=spec.name, nargs="*", default=None)
+        else:
+            number = int if kind.startswith("int") else float if kind.startswith("float") else str
+            parser.add_argument(flag, dest=spec.name, type=number, default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +208,44 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("output", type=Path)
     export.add_argument("--preset", required=True, choices=["whatsapp", "telegram"])
     export.set_defaults(func=cmd_export)
+
+    sample = commands.add_parser("sample", help="generate a sticker for any task (i2v, it2v, t2v, interpolation, ...)")
+    sample.add_argument("--image", type=Path, help="a still (i2v/it2v) or a clip whose --mask frames are given")
+    sample.add_argument("--task", choices=["i2v", "it2v", "t2v", "interpolation", "predict_forward", "predict_backward"])
+    sample.add_argument("--mask", help="explicit condition mask, e.g. 10101010 (overrides the task's default)")
+    sample.add_argument("--frames", type=int, default=None)
+    sample.add_argument("--height", type=int, default=None)
+    sample.add_argument("--width", type=int, default=None)
+    sample.add_argument("--fps", type=float, default=8.0)
+    sample.add_argument("--output", "-o", type=Path, required=True, help=".gif .webp .png .mp4 .webm")
+    _add_sampler_arguments(sample)
+    sample.set_defaults(func=cmd_sample)
+
+    interpolate = commands.add_parser("interpolate", help="raise a low-fps sticker's frame rate 2x/3x/4x")
+    interpolate.add_argument("input", type=Path)
+    interpolate.add_argument("output", type=Path)
+    interpolate.add_argument("--factor", type=int, default=2, choices=[2, 3, 4])
+    _add_sampler_arguments(interpolate)
+    interpolate.set_defaults(func=cmd_interpolate)
+
+    train = commands.add_parser("train", help="LoRA fine-tuning or from-scratch training (accelerate launch for GPUs)")
+    _add_train_arguments(train)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="score models and baselines against ground truth; HTML report")
+    evaluate.add_argument("--data", required=True, type=Path, help="a prepared dataset")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--model", action="append", default=[], metavar="[NAME=]PATH", help="repeatable")
+    evaluate.add_argument("--tasks", nargs="+", default=["i2v", "it2v", "interpolation", "predict_forward"])
+    evaluate.add_argument("--steps", type=int, default=25)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--limit", type=int, help="evaluate only the first N clips")
+    evaluate.add_argument("--out", type=Path, default=Path("reports/evaluation"))
+    evaluate.add_argument("--no-baselines", action="store_true")
+    evaluate.add_argument("--clip-path", type=Path, help="local CLIP model folder (enables CLIP scores)")
+    evaluate.add_argument("--i3d-path", type=Path, help="local I3D TorchScript file (enables FVD)")
+    evaluate.add_argument("--lpips-net", default=None, help="LPIPS trunk if the lpips package and weights are installed")
+    evaluate.set_defaults(func=cmd_evaluate)
 
     demo = commands.add_parser("demo", help="the main job: built-in data → reports/ on the embedded model")
     demo.add_argument("--workdir", default=".", help="where data/ and reports/ are written")
