@@ -1,9 +1,10 @@
 """Training checkpoints that survive a SIGKILL or a full disk, with nothing unpickled.
 
 A checkpoint is a folder ``step-00001234/`` holding ``tensors.safetensors`` (model or
-adapter weights, optimizer moments, RNG states: every tensor, flattened under prefixed
-names) and ``state.json`` (everything else: step, config, curriculum state, the optimizer's
-non-tensor structure). It is built in a hidden temp folder and renamed into place in one
+adapter weights, optimizer moments: every tensor, flattened under prefixed names) and
+``state.json`` (everything else: step, config, curriculum state, the optimizer's
+non-tensor structure). No RNG state is stored: the training loop seeds each step from
+``(seed, rank, step)``. It is built in a hidden temp folder and renamed into place in one
 step, so a crash mid-write leaves the previous checkpoints untouched and loadable; only
 folders with both files count when looking for the latest one.
 """
@@ -12,12 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -118,29 +117,3 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], skeleton: dict[str, An
             for key, value in entry.items()
         }
     return {"state": state, "param_groups": skeleton["param_groups"]}
-
-
-def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Every RNG a training step touches: torch (CPU and CUDA), numpy, Python's ``random``."""
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda{index}"] = cuda_state
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    tensors["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
-    version, py_state, gauss = random.getstate()
-    return tensors, {
-        "numpy": [kind, int(pos), int(has_gauss), float(cached)],
-        "python": [version, list(py_state), gauss],
-    }
-
-
-def restore_rng(tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["torch"])
-    cuda_states = [tensors[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in tensors]
-    if cuda_states:
-        torch.cuda.set_rng_state_all(cuda_states)
-    kind, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, py_state, gauss = state["python"]
-    random.setstate((version, tuple(py_state), gauss))

@@ -124,7 +124,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from rdtf.pipeline import RDTFPipeline
     from rdtf.report import write_report
 
-    dataset = StickerDataset(args.data, split=args.split)
+    dataset = StickerDataset(args.data, split=args.split or None)
     items = [dataset[i] for i in range(min(len(dataset), args.limit or len(dataset)))]
     cases = cases_from_items(items, args.tasks)
     backbones = load_backbones(clip_path=args.clip_path, i3d_path=args.i3d_path, lpips_net=args.lpips_net)

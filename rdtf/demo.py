@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rdtf.backbones import load_backbones
 from rdtf.data import StickerDataset, prepare_dataset
 from rdtf.evaluate import cases_from_items, evaluate_methods
 from rdtf.report import write_report
@@ -27,7 +28,8 @@ def run_demo(workdir: Path, *, smoke: bool = False) -> Path:
 
     test = StickerDataset(prepared.out, split="test")
     items = [test[i] for i in range(min(eval_clips, len(test)))]
-    result = evaluate_methods(cases_from_items(items, DEMO_TASKS), {}, resamples=200)
+    backbones = load_backbones(lpips_net="alex")  # used when installed locally, else reported unavailable
+    result = evaluate_methods(cases_from_items(items, DEMO_TASKS), {}, backbones=backbones, resamples=200)
     report = write_report(result, workdir / "reports" / "baselines", title="Baselines on the built-in test split")
     print(f"dataset: {prepared.out}\nreport:  {report}")
     return report

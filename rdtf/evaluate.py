@@ -327,7 +327,8 @@ def pipeline_method(pipeline: Callable[..., Any], *, caption_language: str = "en
     Calls ``pipeline(frames=..., condition_mask=..., task=..., prompt=..., fps=...,
     **call_kwargs)`` with the case's ground truth (only its given frames are used), its
     condition mask as a torch tensor, and its caption for tasks that read text ("" for the
-    others); accepts a :class:`rdtf.io.Clip` or an array back. Put the sampler settings
+    others), at the ground truth's size unless ``call_kwargs`` says otherwise; accepts a
+    :class:`rdtf.io.Clip` or an array back. Put the sampler settings
     (``seed``, ``num_inference_steps``, guidance, ``progress=False``) in ``call_kwargs``.
     """
     if caption_language not in ("en", "zh"):
@@ -341,7 +342,7 @@ def pipeline_method(pipeline: Callable[..., Any], *, caption_language: str = "en
             task=case.task,
             prompt=caption if TASK_USES_TEXT[case.task] else "",
             fps=case.fps,
-            **call_kwargs,
+            **{"height": case.frames.shape[1], "width": case.frames.shape[2], **call_kwargs},
         )
         return output.frames if isinstance(output, Clip) else np.asarray(output)
 

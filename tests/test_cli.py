@@ -1,0 +1,108 @@
+"""`rdtf ...` end to end on a tiny model: every subcommand does its job or fails with a named reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rdtf.cli import main
+from rdtf.io import Clip, read_clip, write_clip
+from rdtf.models import build_tiny_components
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "model"
+    build_tiny_components(seed=0, sample_size=16, image_size=16).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli-data")
+    assert main(["synth", str(root / "set"), "--count", "24", "--size", "32", "--seed", "1"]) == 0
+    assert main(["prepare", str(root / "set"), str(root / "data"), "--size", "32", "--frames", "8"]) == 0
+    return root / "data"
+
+
+def _still(path: Path) -> Path:
+    frame = np.random.default_rng(0).integers(0, 256, (1, 16, 16, 4), dtype=np.uint8)
+    frame[..., 3] = 255
+    return write_clip(Clip.from_fps(frame, 8), path)
+
+
+SAMPLER = ["--steps", "2", "--quiet"]
+
+
+def test_sample_writes_the_requested_sticker(tiny_model, tmp_path, capsys):
+    out = tmp_path / "out.gif"
+    code = main(["sample", "--base", str(tiny_model), "--image", str(_still(tmp_path / "in.png")),
+                 "--prompt", "一只小猫上下弹跳", "--task", "it2v", "--frames", "8", *SAMPLER, "-o", str(out)])
+    assert code == 0 and "8 frames" in capsys.readouterr().out
+    assert read_clip(out).num_frames == 8
+
+
+def test_sample_with_an_explicit_mask_keeps_the_given_frames(tiny_model, tmp_path):
+    frames = np.random.default_rng(1).integers(0, 256, (8, 16, 16, 4), dtype=np.uint8)
+    frames[..., 3] = 255
+    source = write_clip(Clip.from_fps(frames, 8), tmp_path / "in.png")
+    out = tmp_path / "out.png"
+    assert main(["sample", "--base", str(tiny_model), "--image", str(source), "--mask", "10101010",
+                 *SAMPLER, "-o", str(out)]) == 0
+    result = read_clip(out).frames
+    assert np.array_equal(result[::2, ..., :3], frames[::2, ..., :3])
+
+
+def test_interpolate_multiplies_the_frame_rate(tiny_model, tmp_path, capsys):
+    frames = np.random.default_rng(2).integers(0, 256, (3, 16, 16, 4), dtype=np.uint8)
+    frames[..., 3] = 255
+    source = write_clip(Clip.from_fps(frames, 4), tmp_path / "slow.png")
+    out = tmp_path / "smooth.png"
+    assert main(["interpolate", str(source), str(out), "--factor", "2", "--base", str(tiny_model), *SAMPLER]) == 0
+    dense = read_clip(out)
+    assert dense.num_frames == 5 and dense.fps == pytest.approx(8, rel=0.05)
+
+
+def test_bad_input_is_reported_not_raised(tiny_model, tmp_path, capsys):
+    code = main(["sample", "--base", str(tiny_model), "--image", str(tmp_path / "missing.png"), "-o",
+                 str(tmp_path / "x.gif")])
+    assert code == 2 and "missing.png" in capsys.readouterr().err
+    code = main(["sample", "--base", str(tmp_path / "no-model"), "-o", str(tmp_path / "x.gif"), *SAMPLER])
+    assert code == 2 and "no-model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sample", "--base", str(tiny_model), "--lora", "a.safetensors:high", "-o", "x.gif"])
+
+
+def test_train_then_sample_with_the_lora(tiny_model, prepared, tmp_path):
+    out = tmp_path / "lora"
+    assert main(["train", "--base", str(tiny_model), "--data", str(prepared), "--output-dir", str(out),
+                 "--split", "", "--max-steps", "2", "--batch-size", "2", "--validate-every", "99",
+                 "--no-progress", "--trackers", "--lora-rank", "4"]) == 0
+    card = json.loads((out / "rdtf_card.json").read_text())
+    assert card["config"]["lora_rank"] == 4 and card["steps"] == 2
+    assert main(["sample", "--base", str(tiny_model), "--prompt", "a cat", "--task", "t2v", "--frames", "4",
+                 "--lora", f"{out}:0.5", *SAMPLER, "-o", str(tmp_path / "t2v.gif")]) == 0
+
+
+def test_evaluate_writes_a_report_with_model_and_baselines(tiny_model, prepared, tmp_path):
+    out = tmp_path / "report"
+    assert main(["evaluate", "--data", str(prepared), "--split", "", "--limit", "2", "--model", f"tiny={tiny_model}",
+                 "--tasks", "interpolation", "--steps", "2", "--out", str(out)]) == 0
+    methods = {row["method"] for row in json.loads((out / "results.json").read_text())["rows"]}
+    assert {"tiny", "crossfade", "flow"} <= methods
+
+
+def test_export_meets_a_preset(tmp_path, capsys):
+    frames = np.random.default_rng(3).integers(0, 256, (6, 64, 64, 4), dtype=np.uint8)
+    source = write_clip(Clip.from_fps(frames, 10), tmp_path / "in.png")
+    assert main(["export", str(source), str(tmp_path / "out.webp"), "--preset", "whatsapp"]) == 0
+    assert read_clip(tmp_path / "out.webp").width == 512
+
+
+def test_demo_smoke_builds_data_and_the_baseline_report(tmp_path, capsys):
+    assert main(["demo", "--workdir", str(tmp_path), "--smoke"]) == 0
+    assert (tmp_path / "reports" / "baselines" / "report.html").is_file()
+    assert "report:" in capsys.readouterr().out

@@ -1,0 +1,220 @@
+"""The training loop on a tiny model: it learns, saves what loads, resumes exactly, refuses bad input."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from safetensors.torch import load_file
+
+from rdtf.data import prepare_dataset
+from rdtf.lora import load_lora
+from rdtf.models import build_tiny_components, load_components
+from rdtf.pipeline import RDTFPipeline
+from rdtf.synthetic import build_sticker_set
+from rdtf.train import (
+    CARD_NAME,
+    CHECKPOINT_DIR,
+    LOG_NAME,
+    ResumableBatches,
+    TrainConfig,
+    TrainingError,
+    enable_block_checkpointing,
+    train,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A tiny model folder and a prepared 24-sticker set at 32 px, shared by the tests here."""
+    root = tmp_path_factory.mktemp("train")
+    build_sticker_set(root / "stickers", count=24, size=32, seed=3, progress=False)
+    prepare_dataset(root / "stickers", root / "data", num_frames=8, size=32, progress=False)
+    build_tiny_components(seed=0, sample_size=8, image_size=16).save_pretrained(root / "model")
+    return root
+
+
+def _config(workspace: Path, out: str, **overrides) -> TrainConfig:
+    values = dict(
+        base=str(workspace / "model"), data=str(workspace / "data"), output_dir=str(workspace / out), split=None,
+        max_steps=4, batch_size=2, learning_rate=1e-3, lr_warmup_steps=0, checkpoint_every=2, validate_every=4,
+        log_every=1, num_validation=1, validation_inference_steps=2, progress=False, trackers=[],
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _lora_tensors(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "pytorch_lora_weights.safetensors")
+
+
+def test_lora_run_writes_a_diffusers_lora_that_changes_the_sampler(workspace):
+    out = train(_config(workspace, "lora", ema_decay=0.9, snr_gamma=5.0, offset_noise=0.05))
+    state, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(str(out), local_files_only=True)
+    assert state and all(key.startswith(("unet.", "rdtf.unet.")) for key in state)
+    assert any(key.startswith("rdtf.unet.image_latents_proj_in") for key in state)  # the mask channel trains too
+    card = __import__("json").loads((out / CARD_NAME).read_text())
+    assert card["steps"] == 4 and card["config"]["lora_rank"] == 16 and len(card["data_hash"]) == 16
+    assert (out / "validation" / "step-000004.gif").is_file()
+    with open(out / LOG_NAME) as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] and "val_it2v" in rows[-1]
+
+    pipe = RDTFPipeline.from_pretrained(workspace / "model")
+    frame = (torch.rand(32, 32, 3) * 255).to(torch.uint8).numpy()
+    kwargs = dict(image=frame, prompt="a cat bouncing", num_frames=8, num_inference_steps=2, progress=False)
+    before = pipe(**kwargs).frames
+    load_lora(pipe, out)
+    assert not (pipe(**kwargs).frames == before).all()
+
+
+def _logged_losses(out: Path) -> list[float]:
+    with open(out / LOG_NAME) as handle:
+        return [float(row["loss"]) for row in csv.DictReader(handle)]
+
+
+def test_cache_and_on_the_fly_see_the_same_losses(workspace):
+    # Only the first step is compared: Adam's first updates are ~lr*sign(grad), which turns the
+    # float noise of different encoder batch sizes into sign flips of near-zero gradients later.
+    cached = train(_config(workspace, "cached", max_steps=1, validate_every=99))
+    live = train(_config(workspace, "live", max_steps=1, validate_every=99, cache=False))
+    assert _logged_losses(cached) == pytest.approx(_logged_losses(live), rel=1e-5)
+    assert len(list((workspace / "data" / ".cache").iterdir())) == 1  # second run reused the cache
+
+
+def test_cache_is_rebuilt_when_the_encoders_change(workspace, tmp_path):
+    other = tmp_path / "model"
+    build_tiny_components(seed=1, sample_size=8, image_size=16).save_pretrained(other)
+    train(_config(workspace, "other", base=str(other), max_steps=1, validate_every=99, cache_dir=str(tmp_path / "c")))
+    train(_config(workspace, "same", max_steps=1, validate_every=99, cache_dir=str(tmp_path / "c")))
+    assert len(list((tmp_path / "c").iterdir())) == 2
+
+
+def _run_in_subprocess(config: TrainConfig) -> subprocess.Popen:
+    code = f"from rdtf.train import TrainConfig, train; train(TrainConfig(**{config.to_dict()!r}))"
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+
+
+def test_resume_after_sigkill_ends_with_the_same_weights(workspace):
+    settings = dict(max_steps=6, validate_every=99, lr_scheduler="cosine", curriculum="adaptive", lora_dropout=0.1)
+    reference = train(_config(workspace, "whole", **settings))
+    config = _config(workspace, "killed", **settings)
+    process = _run_in_subprocess(config)
+    first = Path(config.output_dir) / CHECKPOINT_DIR / "step-00000002"
+    deadline = time.time() + 300
+    while not first.is_dir() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (Path(config.output_dir) / CARD_NAME).exists(), "the run finished before it could be killed"
+    resumed = train(config)
+    a, b = _lora_tensors(reference), _lora_tensors(resumed)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+def test_full_training_saves_a_loadable_model(workspace):
+    out = train(_config(workspace, "full", mode="full", max_steps=2, validate_every=99, curriculum="linear"))
+    with open(out / LOG_NAME) as handle:
+        first, last = list(csv.DictReader(handle))
+    assert float(last["weight_t2v"]) > float(first["weight_t2v"])  # the linear curriculum moves toward generation
+    trained = load_components(out / "model")
+    base = load_components(workspace / "model")
+    changed = [
+        name for name, p in trained.unet.named_parameters() if not torch.equal(p, dict(base.unet.named_parameters())[name])
+    ]
+    assert changed
+
+
+def test_batches_are_disjoint_across_ranks_and_resume_anywhere():
+    ranks = [ResumableBatches(20, 3, rank, 2, seed=0, start=0) for rank in range(2)]
+    for micro_step in range(ranks[0].per_epoch):
+        a, b = ranks[0].batch(micro_step), ranks[1].batch(micro_step)
+        assert len(a) == len(b) == 3 and not set(a) & set(b)
+    epoch = [i for r in ranks for s in range(r.per_epoch) for i in r.batch(s)]
+    assert len(epoch) == len(set(epoch)) == 18
+    later = iter(ResumableBatches(20, 3, 1, 2, seed=0, start=5))
+    assert next(later) == ranks[1].batch(5)
+
+
+def test_gradient_checkpointing_gives_the_plain_gradients():
+    components = build_tiny_components(seed=0, sample_size=8, image_size=16)
+    unet = components.unet.train().requires_grad_(True)
+    torch.manual_seed(0)
+    inputs = dict(
+        sample=torch.randn(2, 4, 4, 8, 8), timestep=torch.tensor([10, 500]), fps=torch.tensor([8.0, 8.0]),
+        image_latents=torch.randn(2, 5, 4, 8, 8), image_embeddings=torch.randn(2, 1, 8),
+        encoder_hidden_states=torch.randn(2, 6, 8),
+    )
+
+    def grads() -> list[torch.Tensor]:
+        torch.manual_seed(1)  # the temporal convs' dropout
+        unet.zero_grad()
+        unet(**inputs).sample.pow(2).mean().backward()
+        return [p.grad.clone() for p in unet.parameters() if p.grad is not None]
+
+    plain = grads()
+    enable_block_checkpointing(unet)
+    checkpointed = grads()
+    assert len(plain) == len(checkpointed)
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"lora_rank": 0}, "lora_rank=0"),
+        ({"tasks": ["dance"]}, "tasks="),
+        ({"only_motions": ["moonwalk"]}, "no stickers match"),
+        ({"lora_targets": r"no_such_module$"}, "no_such_module"),
+        ({"batch_size": 64}, "cannot fill one batch"),
+        ({"mixed_precision": "fp8"}, "mixed_precision='fp8'"),
+    ],
+)
+def test_bad_settings_are_named(workspace, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train(_config(workspace, "bad", **overrides))
+
+
+def test_size_that_the_model_cannot_take_is_refused(workspace, tmp_path):
+    deep = tmp_path / "deep"  # 2x VAE and three UNet downsamplings: clips must be multiples of 16 px
+    build_tiny_components(seed=0, unet_channels=(4, 8, 8, 8), vae_channels=(8, 8), sample_size=8).save_pretrained(deep)
+    prepare_dataset(workspace / "stickers", tmp_path / "odd", num_frames=8, size=24, progress=False)
+    with pytest.raises(ValueError, match="24px, not a multiple of 16"):
+        train(_config(workspace, "odd", base=str(deep), data=str(tmp_path / "odd")))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(workspace):
+    config = _config(workspace, "nan", max_steps=8, learning_rate=1e30, lr_scheduler="constant", checkpoint_every=1)
+    with pytest.raises(TrainingError, match="loss became nan") as error:
+        train(config)
+    assert "step-0000000" in str(error.value)
+    shutil.rmtree(config.output_dir)
+
+
+def test_two_processes_train_with_torchrun_and_the_adapter_loads(workspace):
+    """The same accelerate code over gloo: `accelerate launch` on GPUs, torchrun here (no MPI)."""
+    out = workspace / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rdtf.cli", "train",
+        "--base", str(workspace / "model"), "--data", str(workspace / "data"), "--output-dir", str(out),
+        "--max-steps", "2", "--batch-size", "2", "--checkpoint-every", "2", "--validate-every", "99",
+        "--no-progress", "--trackers", "--split", "",
+    ]
+    subprocess.run(command, cwd=ROOT, check=True, timeout=600)
+    card = __import__("json").loads((out / CARD_NAME).read_text())
+    assert card["processes"] == 2 and card["steps"] == 2
+    pipe = RDTFPipeline.from_pretrained(workspace / "model")
+    load_lora(pipe, out)
