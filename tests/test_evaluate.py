@@ -210,7 +210,8 @@ def test_dataset_items_become_rgba_cases():
 def test_pipeline_method_passes_mask_and_caption_only_to_text_tasks(split):
     calls = []
 
-    def pipeline(*, frames, condition_mask, task, prompt, fps, num_inference_steps):
+    def pipeline(*, frames, condition_mask, task, prompt, fps, num_inference_steps, height, width):
+        assert (height, width) == frames.shape[1:3]  # generated at the ground truth's size
         calls.append((condition_mask.tolist(), task, prompt, fps, num_inference_steps))
         return Clip.from_fps(frames.copy(), fps)
 
