@@ -121,6 +121,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from rdtf.backbones import load_backbones
     from rdtf.data import StickerDataset
     from rdtf.evaluate import cases_from_items, evaluate_methods, pipeline_method
+    from rdtf.lora import load_lora
     from rdtf.pipeline import RDTFPipeline
     from rdtf.report import write_report
 
@@ -130,8 +131,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     backbones = load_backbones(clip_path=args.clip_path, i3d_path=args.i3d_path, lpips_net=args.lpips_net)
     methods = {}
     for spec in args.model:
-        name, _, path = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
-        pipeline = RDTFPipeline.from_pretrained(path)
+        name, _, model = spec.partition("=") if "=" in spec else (Path(spec).name, "", spec)
+        base, *loras = model.split("+")
+        pipeline = RDTFPipeline.from_pretrained(base)
+        for path, scale in map(_lora_spec, loras):
+            load_lora(pipeline, path, scale=scale)
         methods[name] = pipeline_method(pipeline, seed=args.seed, num_inference_steps=args.steps, progress=False)
     result = evaluate_methods(cases, methods, baselines=not args.no_baselines, backbones=backbones)
     report = write_report(result, args.out)
@@ -235,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="score models and baselines against ground truth; HTML report")
     evaluate.add_argument("--data", required=True, type=Path, help="a prepared dataset")
     evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--model", action="append", default=[], metavar="[NAME=]PATH", help="repeatable")
+    evaluate.add_argument("--model", action="append", default=[], metavar="[NAME=]BASE[+LORA[:SCALE]...]",
+                          help="a model to score, with optional LoRAs; repeat to compare (e.g. base vs base+LoRA)")
     evaluate.add_argument("--tasks", nargs="+", default=["i2v", "it2v", "interpolation", "predict_forward"])
     evaluate.add_argument("--steps", type=int, default=25)
     evaluate.add_argument("--seed", type=int, default=0)

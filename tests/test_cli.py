@@ -76,23 +76,36 @@ def test_bad_input_is_reported_not_raised(tiny_model, tmp_path, capsys):
         main(["sample", "--base", str(tiny_model), "--lora", "a.safetensors:high", "-o", "x.gif"])
 
 
-def test_train_then_sample_with_the_lora(tiny_model, prepared, tmp_path):
-    out = tmp_path / "lora"
+@pytest.fixture(scope="module")
+def lora(tiny_model, prepared, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli-lora") / "lora"
     assert main(["train", "--base", str(tiny_model), "--data", str(prepared), "--output-dir", str(out),
                  "--split", "", "--max-steps", "2", "--batch-size", "2", "--validate-every", "99",
-                 "--no-progress", "--trackers", "--lora-rank", "4"]) == 0
-    card = json.loads((out / "rdtf_card.json").read_text())
-    assert card["config"]["lora_rank"] == 4 and card["steps"] == 2
-    assert main(["sample", "--base", str(tiny_model), "--prompt", "a cat", "--task", "t2v", "--frames", "4",
-                 "--lora", f"{out}:0.5", *SAMPLER, "-o", str(tmp_path / "t2v.gif")]) == 0
+                 "--no-progress", "--trackers", "--lora-rank", "4", "--learning-rate", "0.01"]) == 0
+    return out
 
 
-def test_evaluate_writes_a_report_with_model_and_baselines(tiny_model, prepared, tmp_path):
+def test_train_flags_reach_the_run(lora):
+    card = json.loads((lora / "rdtf_card.json").read_text())
+    assert card["config"]["lora_rank"] == 4 and card["config"]["learning_rate"] == 0.01 and card["steps"] == 2
+
+
+def test_sample_with_a_scaled_lora(tiny_model, lora, tmp_path):
+    common = ["sample", "--base", str(tiny_model), "--prompt", "a cat", "--task", "t2v", "--frames", "4", *SAMPLER]
+    assert main([*common, "-o", str(tmp_path / "base.png")]) == 0
+    assert main([*common, "--lora", f"{lora}:0.5", "-o", str(tmp_path / "lora.png")]) == 0
+    assert not np.array_equal(read_clip(tmp_path / "base.png").frames, read_clip(tmp_path / "lora.png").frames)
+
+
+def test_evaluate_compares_base_with_base_plus_lora(tiny_model, prepared, lora, tmp_path):
     out = tmp_path / "report"
-    assert main(["evaluate", "--data", str(prepared), "--split", "", "--limit", "2", "--model", f"tiny={tiny_model}",
-                 "--tasks", "interpolation", "--steps", "2", "--out", str(out)]) == 0
-    methods = {row["method"] for row in json.loads((out / "results.json").read_text())["rows"]}
-    assert {"tiny", "crossfade", "flow"} <= methods
+    assert main(["evaluate", "--data", str(prepared), "--split", "", "--limit", "2", "--model", f"base={tiny_model}",
+                 "--model", f"lora={tiny_model}+{lora}:1.0", "--tasks", "interpolation", "--steps", "2",
+                 "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {"base", "lora", "crossfade", "flow"} <= {row["method"] for row in rows}
+    psnr = {row["method"]: row["psnr"] for row in rows if row["key"] == rows[0]["key"]}
+    assert psnr["base"] != psnr["lora"]
 
 
 def test_export_meets_a_preset(tmp_path, capsys):
