@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
@@ -319,6 +320,9 @@ def train(config: TrainConfig) -> Path:
     components = load_components(model_root)
     _check_fit(components, train_set)
 
+    # accelerate keeps one process-wide state and refuses a second run in the same process (a
+    # notebook) with another precision; forget it, keeping the process group of distributed runs.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         log_with=[t for t in config.trackers if t] or None,

@@ -218,3 +218,18 @@ def test_two_processes_train_with_torchrun_and_the_adapter_loads(workspace):
     assert card["processes"] == 2 and card["steps"] == 2
     pipe = RDTFPipeline.from_pretrained(workspace / "model")
     load_lora(pipe, out)
+
+
+def test_bf16_mixed_precision_keeps_lora_weights_in_fp32(workspace):
+    out = train(_config(workspace, "bf16", max_steps=1, validate_every=99, mixed_precision="bf16"))
+    assert {t.dtype for t in _lora_tensors(out).values()} == {torch.float32}
+
+
+def test_8bit_adam_without_bitsandbytes_says_what_to_install(workspace):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="bitsandbytes"):
+            train(_config(workspace, "adam8", use_8bit_adam=True))
+    else:
+        pytest.skip("bitsandbytes is installed: the 8-bit optimizer itself is exercised on GPUs")
