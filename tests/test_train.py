@@ -60,7 +60,8 @@ def _lora_tensors(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_lora_run_writes_a_diffusers_lora_that_changes_the_sampler(workspace):
-    out = train(_config(workspace, "lora", ema_decay=0.9, snr_gamma=5.0, offset_noise=0.05))
+    out = train(_config(workspace, "lora", ema_decay=0.9, snr_gamma=5.0, offset_noise=0.05, trackers=["tensorboard"]))
+    assert list((out / "logs").rglob("events.out.tfevents.*"))  # TensorBoard through accelerate's tracker
     state, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(str(out), local_files_only=True)
     assert state and all(key.startswith(("unet.", "rdtf.unet.")) for key in state)
     assert any(key.startswith("rdtf.unet.image_latents_proj_in") for key in state)  # the mask channel trains too
