@@ -117,6 +117,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"training output in {out}")
 
 
+def cmd_train_vae(args: argparse.Namespace) -> None:
+    from rdtf.autoencoder import METRICS_NAME, AutoencoderConfig, train_autoencoder
+
+    config = AutoencoderConfig(
+        data=str(args.data), output_dir=str(args.output_dir), channels=args.channels, steps=args.steps,
+        batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed, progress=not args.quiet,
+    )
+    folder = train_autoencoder(config)
+    print(f"VAE written to {folder}; metrics in {Path(args.output_dir) / METRICS_NAME}")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from rdtf.backbones import load_backbones
     from rdtf.data import StickerDataset
@@ -235,6 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="LoRA fine-tuning or from-scratch training (accelerate launch for GPUs)")
     _add_train_arguments(train)
     train.set_defaults(func=cmd_train)
+
+    vae = commands.add_parser("train-vae", help="train the tiny VAE of a from-scratch model on a dataset's frames")
+    vae.add_argument("--data", type=Path, required=True, help="a prepared dataset (its train split is used)")
+    vae.add_argument("--output-dir", type=Path, default=Path("runs/vae"))
+    vae.add_argument("--channels", type=int, nargs="+", default=[32, 64, 64])
+    vae.add_argument("--steps", type=int, default=2000)
+    vae.add_argument("--batch-size", type=int, default=32)
+    vae.add_argument("--learning-rate", type=float, default=1e-3)
+    vae.add_argument("--seed", type=int, default=0)
+    vae.add_argument("--quiet", action="store_true", help="no progress bar")
+    vae.set_defaults(func=cmd_train_vae)
 
     evaluate = commands.add_parser("evaluate", help="score models and baselines against ground truth; HTML report")
     evaluate.add_argument("--data", required=True, type=Path, help="a prepared dataset")

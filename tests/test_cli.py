@@ -119,3 +119,11 @@ def test_demo_smoke_builds_data_and_the_baseline_report(tmp_path, capsys):
     assert main(["demo", "--workdir", str(tmp_path), "--smoke"]) == 0
     assert (tmp_path / "reports" / "baselines" / "report.html").is_file()
     assert "report:" in capsys.readouterr().out
+
+
+def test_train_vae_writes_a_loadable_vae(prepared, tmp_path, capsys):
+    out = tmp_path / "vae"
+    assert main(["train-vae", "--data", str(prepared), "--output-dir", str(out), "--channels", "8", "16",
+                 "--steps", "3", "--batch-size", "4", "--quiet"]) == 0
+    assert (out / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    assert "VAE written" in capsys.readouterr().out
