@@ -11,7 +11,6 @@ it resumes exactly too.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 from rdtf import checkpoint as ckpt
 from rdtf.data import StickerDataset
 from rdtf.io import write_atomic
-from rdtf.models import LATENT_CHANNELS
+from rdtf.models import build_tiny_vae
 
 VAE_DIR = "vae"
 METRICS_NAME = "autoencoder_metrics.json"
@@ -61,20 +60,6 @@ class AutoencoderConfig:
             raise ValueError(f"kl_weight={self.kl_weight}: must be >= 0")
 
 
-def build_autoencoder(channels: list[int], seed: int = 0) -> AutoencoderKL:
-    """An untrained ``AutoencoderKL`` (4 latent channels) that downsamples ``2**(len(channels)-1)`` times."""
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(channels),
-        up_block_types=("UpDecoderBlock2D",) * len(channels),
-        block_out_channels=tuple(channels),
-        latent_channels=LATENT_CHANNELS,
-        norm_num_groups=min(channels[0], 8),
-    )
-
-
 def _frames(dataset: StickerDataset) -> torch.Tensor:
     """Every real (not padding) frame of ``dataset`` as uint8 ``(N, 3, H, W)``."""
     frames = []
@@ -88,11 +73,6 @@ def _frames(dataset: StickerDataset) -> torch.Tensor:
 
 def _pixels(frames: torch.Tensor) -> torch.Tensor:
     return frames.float() / 127.5 - 1.0
-
-
-def _step_generator(seed: int, step: int) -> torch.Generator:
-    digest = hashlib.sha256(f"vae/{seed}/{step}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 @torch.no_grad()
@@ -131,7 +111,8 @@ def train_autoencoder(config: AutoencoderConfig) -> Path:
     if size % factor:
         raise ValueError(f"{config.data}: frames are {size}px, not a multiple of the VAE's downsampling {factor}")
 
-    vae = build_autoencoder(config.channels, config.seed).train()
+    torch.manual_seed(config.seed)
+    vae = build_tiny_vae(config.channels, sample_size=size).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, weight_decay=0.0)
     step = 0
     latest = ckpt.latest_checkpoint(out / "checkpoints")
@@ -145,7 +126,7 @@ def train_autoencoder(config: AutoencoderConfig) -> Path:
 
     progress = tqdm(total=config.steps, initial=step, desc="training the VAE", disable=not config.progress)
     while step < config.steps:
-        generator = _step_generator(config.seed, step)
+        generator = torch.Generator().manual_seed(ckpt.step_seed(config.seed, 0, step))
         batch = _pixels(train_frames[torch.randint(len(train_frames), (config.batch_size,), generator=generator)])
         posterior = vae.encode(batch).latent_dist
         latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)

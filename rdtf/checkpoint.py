@@ -11,6 +11,7 @@ folders with both files count when looking for the latest one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -117,3 +118,9 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], skeleton: dict[str, An
             for key, value in entry.items()
         }
     return {"state": state, "param_groups": skeleton["param_groups"]}
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of everything random in one step of one process: resuming needs no RNG state."""
+    digest = hashlib.sha256(f"{seed}/{rank}/{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)

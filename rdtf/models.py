@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -235,6 +236,23 @@ def _inference_ready(components: Components) -> Components:
     return components
 
 
+def build_tiny_vae(channels: Sequence[int], sample_size: int = 64) -> AutoencoderKL:
+    """A toy-width ``AutoencoderKL`` (4 latent channels) downsampling ``2**(len(channels) - 1)`` times.
+
+    Untrained: :func:`rdtf.autoencoder.train_autoencoder` trains one for a from-scratch model.
+    """
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=tuple(channels),
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=math.gcd(*channels, 8),  # up to 8 groups that divide every block's width
+        sample_size=sample_size,
+    )
+
+
 def build_tiny_components(
     seed: int = 0,
     *,
@@ -282,16 +300,7 @@ def build_tiny_components(
     )
     if mask_channel:
         add_mask_channel(unet)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
-        block_out_channels=tuple(vae_channels),
-        latent_channels=LATENT_CHANNELS,
-        norm_num_groups=min(vae_channels[0], 2),
-        sample_size=sample_size * 2 ** (len(vae_channels) - 1),
-    )
+    vae = build_tiny_vae(vae_channels, sample_size * 2 ** (len(vae_channels) - 1))
     if text_encoder_kind == "byte_clip":
         tokenizer = build_byte_tokenizer(max_text_length)
         text_encoder = CLIPTextModel(

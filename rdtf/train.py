@@ -192,12 +192,6 @@ class ResumableBatches(Sampler[list[int]]):
         return 2**31
 
 
-def step_seed(seed: int, rank: int, micro_step: int) -> int:
-    """The seed of everything random in one micro-step of one rank."""
-    digest = hashlib.sha256(f"{seed}/{rank}/{micro_step}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
 def enable_block_checkpointing(unet: torch.nn.Module) -> None:
     """Recompute each down/mid/up block's activations in backward (diffusers refuses for I2VGenXLUNet).
 
@@ -417,9 +411,9 @@ def train(config: TrainConfig) -> Path:
         step_loss = torch.zeros((), device=device)
         for accum_index in range(config.grad_accum):
             micro_step = step * config.grad_accum + accum_index
-            generator = torch.Generator(device="cpu").manual_seed(step_seed(config.seed, rank, micro_step))
-            torch.manual_seed(step_seed(config.seed + 1, rank, micro_step))  # dropout inside the UNet
-            curriculum.generator.manual_seed(step_seed(config.seed + 2, rank, micro_step))
+            generator = torch.Generator(device="cpu").manual_seed(ckpt.step_seed(config.seed, rank, micro_step))
+            torch.manual_seed(ckpt.step_seed(config.seed + 1, rank, micro_step))  # dropout inside the UNet
+            curriculum.generator.manual_seed(ckpt.step_seed(config.seed + 2, rank, micro_step))
             batch = next(loader)
             with torch.no_grad():
                 inputs = {k: v.to(device) for k, v in _batch_inputs(components, batch, config.cache).items()}

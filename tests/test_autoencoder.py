@@ -13,11 +13,11 @@ from rdtf.autoencoder import (
     METRICS_NAME,
     AutoencoderConfig,
     _frames,
-    build_autoencoder,
     reconstruction_psnr,
     train_autoencoder,
 )
 from rdtf.data import StickerDataset, prepare_dataset
+from rdtf.models import build_tiny_vae
 from rdtf.synthetic import build_sticker_set
 
 
@@ -38,7 +38,7 @@ def _config(data: Path, out: Path, **overrides) -> AutoencoderConfig:
 
 def test_training_beats_the_untrained_autoencoder_and_sets_unit_variance(data, tmp_path):
     frames = _frames(StickerDataset(data, split="train"))
-    before = reconstruction_psnr(build_autoencoder([8, 16]), frames)
+    before = reconstruction_psnr(build_tiny_vae([8, 16], 32), frames)
     folder = train_autoencoder(_config(data, tmp_path / "run"))
     vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True)
     after = reconstruction_psnr(vae, frames)
