@@ -237,6 +237,21 @@ def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> to
     return clipped / snr.clamp(min=1e-8)
 
 
+def diffusion_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet regresses: the noise (epsilon models) or the velocity (v-prediction)."""
+    if scheduler.config.prediction_type == "epsilon":
+        return noise
+    return scheduler.get_velocity(latents, noise, timesteps)
+
+
+def generated_frame_errors(
+    prediction: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor, condition_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-frame MSE ``(B, F)`` and its weights: 1 on real frames the model has to make, else 0."""
+    per_frame = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 3, 4))
+    return per_frame, loss_mask * (1 - condition_mask)
+
+
 def _dataset(config: TrainConfig, split: str | None) -> StickerDataset:
     def keep(row: dict[str, Any]) -> bool:
         motion = row.get("motion")
@@ -358,7 +373,6 @@ def train(config: TrainConfig) -> Path:
     curriculum = TaskCurriculum(config.curriculum, tasks=tuple(config.tasks), total_steps=config.max_steps,
                                 seed=config.seed, text_dropout=config.text_dropout)
     noise_scheduler = components.scheduler
-    prediction_type = noise_scheduler.config.prediction_type
     mask_channel = has_mask_channel(unet)
 
     # ---- resume
@@ -442,7 +456,7 @@ def train(config: TrainConfig) -> Path:
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (size,), generator=generator)
             timesteps = timesteps.to(device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+            target = diffusion_target(noise_scheduler, latents, noise, timesteps)
             fps = batch["fps"].to(device).float()
 
             sync = accum_index == config.grad_accum - 1
@@ -456,8 +470,7 @@ def train(config: TrainConfig) -> Path:
                     encoder_hidden_states=text,
                     return_dict=False,
                 )[0]
-                per_frame = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 3, 4))
-                weights = loss_mask * (1 - cond_mask)  # real frames the model has to make
+                per_frame, weights = generated_frame_errors(prediction, target, loss_mask, cond_mask)
                 per_clip = (per_frame * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
                 if config.snr_gamma:
                     per_clip = per_clip * min_snr_weights(noise_scheduler, timesteps, config.snr_gamma)
@@ -607,7 +620,7 @@ class _Validation:
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
         timesteps = torch.linspace(50, scheduler.config.num_train_timesteps - 50, size).long().to(latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        target = diffusion_target(scheduler, latents, noise, timesteps)
         loss_mask = torch.stack([item["loss_mask"] for item in self.items]).to(latents.device)
         fps = torch.tensor([item["fps"] for item in self.items], device=latents.device)
         results = {}
@@ -618,8 +631,7 @@ class _Validation:
             with self.accelerator.autocast():
                 prediction = unet(noisy, timesteps, fps=fps, image_latents=conditioning_latents(latents, mask, has_mask_channel(unet)),
                                   image_embeddings=image, encoder_hidden_states=text, return_dict=False)[0]
-            per_frame = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 3, 4))
-            weights = loss_mask * (1 - mask)
+            per_frame, weights = generated_frame_errors(prediction, target, loss_mask, mask)
             results[f"val_{task}"] = round(((per_frame * weights).sum() / weights.sum().clamp(min=1)).item(), 6)
         unet.train(was_training)
         return results
