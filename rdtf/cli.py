@@ -106,12 +106,9 @@ def cmd_interpolate(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    import dataclasses
-
     from rdtf.train import TrainConfig, train
 
-    fields = {spec.name for spec in dataclasses.fields(TrainConfig)}
-    overrides = {name: value for name, value in vars(args).items() if name in fields and value is not None}
+    overrides = _dataclass_overrides(args, TrainConfig)
     config = TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig(**overrides)
     out = train(config)
     print(f"training output in {out}")
@@ -122,10 +119,19 @@ def cmd_train_vae(args: argparse.Namespace) -> None:
 
     config = AutoencoderConfig(
         data=str(args.data), output_dir=str(args.output_dir), channels=args.channels, steps=args.steps,
-        batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed, progress=not args.quiet,
+        batch_size=args.batch_size, learning_rate=args.learning_rate, gradient_weight=args.gradient_weight,
+        seed=args.seed, progress=not args.quiet,
     )
     folder = train_autoencoder(config)
     print(f"VAE written to {folder}; metrics in {Path(args.output_dir) / METRICS_NAME}")
+
+
+def cmd_build_tiny(args: argparse.Namespace) -> None:
+    from rdtf.tiny import TinyRecipe, build_tiny_model
+
+    recipe = TinyRecipe(**_dataclass_overrides(args, TinyRecipe))
+    model, lora = build_tiny_model(recipe, args.work_dir, args.out, progress=not args.quiet)
+    print(f"model in {model}, held-out-motion LoRA in {lora}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -175,23 +181,28 @@ def _add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (``--max-steps``, ``--lora-rank``, ...); they override --config."""
+def _add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One flag per field of a config dataclass (``--max-steps``, ``--lora-rank``, ...), default None = keep."""
     import dataclasses
 
-    from rdtf.train import TrainConfig
-
-    parser.add_argument("--config", type=Path, help="YAML file of TrainConfig fields")
-    for spec in dataclasses.fields(TrainConfig):
+    for spec in dataclasses.fields(config_class):
         flag = "--" + spec.name.replace("_", "-")
         kind = str(spec.type)
         if kind == "bool":
             parser.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=None)
         elif kind.startswith("list"):
-            parser.add_argument(flag, dest=spec.name, nargs="*", default=None)
+            item = int if kind == "list[int]" else str
+            parser.add_argument(flag, dest=spec.name, type=item, nargs="*", default=None)
         else:
             number = int if kind.startswith("int") else float if kind.startswith("float") else str
             parser.add_argument(flag, dest=spec.name, type=number, default=None)
+
+
+def _dataclass_overrides(args: argparse.Namespace, config_class: type) -> dict:
+    import dataclasses
+
+    fields = {spec.name for spec in dataclasses.fields(config_class)}
+    return {name: value for name, value in vars(args).items() if name in fields and value is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,8 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampler_arguments(interpolate)
     interpolate.set_defaults(func=cmd_interpolate)
 
+    from rdtf.tiny import TinyRecipe
+    from rdtf.train import TrainConfig
+
     train = commands.add_parser("train", help="LoRA fine-tuning or from-scratch training (accelerate launch for GPUs)")
-    _add_train_arguments(train)
+    train.add_argument("--config", type=Path, help="YAML file of TrainConfig fields (flags override it)")
+    _add_dataclass_arguments(train, TrainConfig)
     train.set_defaults(func=cmd_train)
 
     vae = commands.add_parser("train-vae", help="train the tiny VAE of a from-scratch model on a dataset's frames")
@@ -254,9 +269,17 @@ def build_parser() -> argparse.ArgumentParser:
     vae.add_argument("--steps", type=int, default=2000)
     vae.add_argument("--batch-size", type=int, default=32)
     vae.add_argument("--learning-rate", type=float, default=1e-3)
+    vae.add_argument("--gradient-weight", type=float, default=1.0, help="weight of the image-gradient L1 term")
     vae.add_argument("--seed", type=int, default=0)
     vae.add_argument("--quiet", action="store_true", help="no progress bar")
     vae.set_defaults(func=cmd_train_vae)
+
+    tiny = commands.add_parser("build-tiny", help="reproduce the embedded rdtf-tiny model and its LoRA from a seed")
+    tiny.add_argument("--work-dir", type=Path, default=Path("runs/rdtf-tiny"), help="stages and checkpoints (resumable)")
+    tiny.add_argument("--out", type=Path, default=Path("assets/rdtf-tiny"), help="the shipped model folder")
+    tiny.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_dataclass_arguments(tiny, TinyRecipe)
+    tiny.set_defaults(func=cmd_build_tiny)
 
     evaluate = commands.add_parser("evaluate", help="score models and baselines against ground truth; HTML report")
     evaluate.add_argument("--data", required=True, type=Path, help="a prepared dataset")

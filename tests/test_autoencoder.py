@@ -63,8 +63,16 @@ def test_a_resumed_run_ends_with_the_same_weights(data, tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [({"steps": 0}, "steps=0"), ({"channels": []}, "channels="), ({"learning_rate": -1.0}, "learning_rate=-1.0"),
-     ({"channels": [8] * 7}, "not a multiple")],
+     ({"channels": [8] * 7}, "not a multiple"), ({"gradient_weight": -0.5}, "gradient_weight=-0.5")],
 )
 def test_bad_settings_are_named(data, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         train_autoencoder(_config(data, tmp_path / "bad", **overrides))
+
+
+def test_the_gradient_term_is_zero_only_for_equal_edges():
+    from rdtf.autoencoder import image_gradient_l1
+
+    image = torch.rand(2, 3, 8, 8)
+    assert image_gradient_l1(image, image + 0.3).item() == pytest.approx(0.0, abs=1e-6)  # a shift keeps edges
+    assert image_gradient_l1(image, torch.zeros_like(image)).item() > 0.1

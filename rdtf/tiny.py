@@ -1,0 +1,182 @@
+"""The recipe of the embedded model ``rdtf-tiny``: every stage, from a seed, with the kit's own tools.
+
+``rdtf build-tiny`` runs :func:`build_tiny_model`, which chains the public steps a user
+would run by hand:
+
+1. ``synth`` + ``prepare``: the built-in sticker set (one motion held out of base training);
+2. ``train-vae``: the tiny VAE on the training frames;
+3. a randomly initialised I2VGen-XL-architecture model around that VAE (byte-level CLIP text
+   tower that reads Chinese and English, toy image encoder, tiny 3-D UNet with the mask channel);
+4. ``train --mode full``: the UNet on every task, every motion but the held-out one;
+5. ``train --mode lora``: a short LoRA on the held-out motion only (the fine-tuning demo).
+
+Each stage leaves its output in ``work_dir`` and is skipped when that output exists; the two
+training stages resume from their checkpoints, so an interrupted build continues where it
+stopped. The shipped folders (model, LoRA, with their logs, configs and metrics) are copied
+into place atomically at the end of their stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffusers import AutoencoderKL
+
+from rdtf.autoencoder import METRICS_NAME, VAE_DIR, AutoencoderConfig, train_autoencoder
+from rdtf.data import prepare_dataset
+from rdtf.io import write_atomic
+from rdtf.models import build_tiny_components
+from rdtf.synthetic import build_sticker_set
+from rdtf.train import CARD_NAME, LOG_NAME, MODEL_DIR, TrainConfig, train
+
+RECIPE_NAME = "rdtf_recipe.json"
+TRAINING_DIR = "training"  # inside the shipped model: what produced it
+
+
+@dataclass
+class TinyRecipe:
+    """Every choice behind rdtf-tiny; saved next to the shipped weights."""
+
+    seed: int = 0
+    # data
+    count: int = 1200
+    size: int = 64
+    num_frames: int = 8
+    holdout_motion: str = "spin"
+    # VAE (4x downsampling: 64 px frames, 16x16 latents)
+    vae_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    vae_steps: int = 1500
+    vae_batch_size: int = 16
+    # model
+    unet_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    text_width: int = 32
+    # base training (every task, every motion but the held-out one)
+    unet_steps: int = 1600
+    batch_size: int = 8
+    learning_rate: float = 5e-4
+    snr_gamma: float | None = 5.0
+    ema_decay: float | None = 0.995
+    # held-out-motion LoRA
+    lora_steps: int = 300
+    lora_rank: int = 8
+    lora_learning_rate: float = 1e-3
+    validate_every: int = 400
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _copy_into_place(source: Path, target: Path) -> Path:
+    """Replace ``target`` by a copy of ``source`` without ever leaving a half-copied folder."""
+    staging = target.parent / f".tmp-{target.name}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    if target.exists():
+        old = target.parent / f".old-{target.name}-{os.getpid()}"
+        os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, target)
+    return target
+
+
+def _train_config(recipe: TinyRecipe, **values) -> TrainConfig:
+    return TrainConfig(
+        batch_size=recipe.batch_size,
+        validate_every=recipe.validate_every,
+        checkpoint_every=100,
+        seed=recipe.seed,
+        trackers=[],
+        **values,
+    )
+
+
+def build_tiny_model(
+    recipe: TinyRecipe,
+    work_dir: str | os.PathLike = "runs/rdtf-tiny",
+    model_out: str | os.PathLike = "assets/rdtf-tiny",
+    lora_out: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> tuple[Path, Path]:
+    """Run (or continue) every stage; returns the shipped model folder and the LoRA folder."""
+    work, model_out = Path(work_dir), Path(model_out)
+    lora_out = Path(lora_out) if lora_out else model_out.parent / f"{model_out.name}-lora-{recipe.holdout_motion}"
+    work.mkdir(parents=True, exist_ok=True)
+    recorded = work / RECIPE_NAME
+    if recorded.exists() and json.loads(recorded.read_text(encoding="utf-8")) != recipe.to_dict():
+        raise ValueError(f"{recorded}: this work folder was started with another recipe; use a new --work-dir")
+    write_atomic(recorded, json.dumps(recipe.to_dict(), indent=2).encode("utf-8"))
+
+    stickers, data = work / "stickers", work / "data"
+    if not (stickers / "captions.jsonl").exists():
+        build_sticker_set(stickers, count=recipe.count, size=recipe.size, seed=recipe.seed,
+                          holdout_motion=recipe.holdout_motion, progress=progress)
+    if not (data / "dataset.json").exists():
+        prepare_dataset(stickers, data, num_frames=recipe.num_frames, size=recipe.size, seed=recipe.seed,
+                        progress=progress)
+
+    vae_run = work / "vae"
+    if not (vae_run / VAE_DIR).exists():
+        train_autoencoder(AutoencoderConfig(
+            data=str(data), output_dir=str(vae_run), channels=recipe.vae_channels, steps=recipe.vae_steps,
+            batch_size=recipe.vae_batch_size, seed=recipe.seed, progress=progress,
+        ))
+
+    init = work / "init"
+    if not init.exists():
+        components = build_tiny_components(
+            recipe.seed, unet_channels=recipe.unet_channels, vae_channels=recipe.vae_channels,
+            text_width=recipe.text_width, num_frames=recipe.num_frames,
+            sample_size=recipe.size // 2 ** (len(recipe.vae_channels) - 1),
+        )
+        trained_vae = AutoencoderKL.from_pretrained(vae_run / VAE_DIR, use_safetensors=True)
+        dataclasses.replace(components, vae=trained_vae).save_pretrained(init)
+
+    base_run = work / "base"
+    if not (base_run / CARD_NAME).exists():
+        train(_train_config(
+            recipe, base=str(init), data=str(data), output_dir=str(base_run), mode="full",
+            exclude_motions=[recipe.holdout_motion], max_steps=recipe.unet_steps,
+            learning_rate=recipe.learning_rate, lr_warmup_steps=100, snr_gamma=recipe.snr_gamma,
+            ema_decay=recipe.ema_decay, progress=progress,
+        ))
+    if not (model_out / TRAINING_DIR / CARD_NAME).exists():
+        staged = work / "shipped-model"
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(base_run / MODEL_DIR, staged)
+        _copy_training_record(recipe, staged / TRAINING_DIR, base_run, vae_run)
+        _copy_into_place(staged, model_out)
+        shutil.rmtree(staged)
+
+    lora_run = work / f"lora-{recipe.holdout_motion}"
+    if not (lora_run / CARD_NAME).exists():
+        train(_train_config(
+            recipe, base=str(model_out), data=str(data), output_dir=str(lora_run), mode="lora",
+            only_motions=[recipe.holdout_motion], max_steps=recipe.lora_steps, lora_rank=recipe.lora_rank,
+            learning_rate=recipe.lora_learning_rate, lr_warmup_steps=10, progress=progress,
+        ))
+    if not (lora_out / CARD_NAME).exists():
+        staged = work / "shipped-lora"
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir()
+        for name in ("pytorch_lora_weights.safetensors", CARD_NAME, LOG_NAME):
+            shutil.copy2(lora_run / name, staged / name)
+        _copy_into_place(staged, lora_out)
+        shutil.rmtree(staged)
+    return model_out, lora_out
+
+
+def _copy_training_record(recipe: TinyRecipe, record: Path, base_run: Path, vae_run: Path) -> None:
+    """The recipe, the UNet's card and log, and the VAE's metrics, shipped next to the weights."""
+    record.mkdir(parents=True)
+    (record / RECIPE_NAME).write_text(json.dumps(recipe.to_dict(), indent=2), encoding="utf-8")
+    shutil.copy2(base_run / CARD_NAME, record / CARD_NAME)
+    shutil.copy2(base_run / LOG_NAME, record / LOG_NAME)
+    shutil.copy2(vae_run / METRICS_NAME, record / METRICS_NAME)

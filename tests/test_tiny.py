@@ -1,0 +1,57 @@
+"""The rdtf-tiny recipe end to end at toy sizes: every stage runs, the outputs load and sample, reruns skip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rdtf.lora import load_lora
+from rdtf.pipeline import RDTFPipeline
+from rdtf.tiny import RECIPE_NAME, TRAINING_DIR, TinyRecipe, build_tiny_model
+from rdtf.train import CARD_NAME, LOG_NAME
+
+TOY = dict(count=40, size=32, vae_channels=[8, 16], vae_steps=3, vae_batch_size=4, unet_channels=[8, 16],
+           text_width=8, unet_steps=3, batch_size=2, lora_steps=2, lora_rank=2, validate_every=3)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    model, lora = build_tiny_model(TinyRecipe(**TOY), root / "work", root / "assets" / "toy", progress=False)
+    return root, model, lora
+
+
+def test_the_recipe_ships_a_model_with_its_record_and_a_lora(built):
+    root, model, lora = built
+    assert lora == root / "assets" / "toy-lora-spin"
+    record = model / TRAINING_DIR
+    assert json.loads((record / RECIPE_NAME).read_text())["unet_steps"] == 3
+    assert json.loads((record / CARD_NAME).read_text())["steps"] == 3
+    assert (record / LOG_NAME).exists() and (record / "autoencoder_metrics.json").exists()
+    card = json.loads((lora / CARD_NAME).read_text())
+    assert card["config"]["only_motions"] == ["spin"] and card["base"] == str(model)
+    assert not list(model.parent.glob(".tmp-*")), "no staging folder may be left behind"
+
+
+def test_the_shipped_model_samples_and_its_lora_changes_the_output(built):
+    _, model, lora = built
+    pipe = RDTFPipeline.from_pretrained(model)
+    image = np.full((32, 32, 3), 200, np.uint8)
+    image[8:24, 8:24] = (30, 90, 200)
+    kwargs = dict(image=image, prompt="a face spinning around", num_frames=8, num_inference_steps=2, seed=0)
+    plain = pipe.generate(**kwargs)
+    assert plain.shape == (8, 32, 32, 3)
+    load_lora(pipe.components.unet, lora / "pytorch_lora_weights.safetensors")
+    assert not np.allclose(pipe.generate(**kwargs), plain, atol=1e-4)
+
+
+def test_a_rerun_skips_finished_stages_and_another_recipe_is_refused(built):
+    root, model, _ = built
+    stamp = (model / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    build_tiny_model(TinyRecipe(**TOY), root / "work", root / "assets" / "toy", progress=False)
+    assert (model / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="another recipe"):
+        build_tiny_model(TinyRecipe(**{**TOY, "seed": 1}), root / "work", root / "assets" / "toy", progress=False)
