@@ -39,6 +39,7 @@ class AutoencoderConfig:
     data: str = "data/builtin-prepared"
     output_dir: str = "runs/vae"
     channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # one entry per 2x downsampling, minus one
+    latent_channels: int = 4
     steps: int = 2000
     batch_size: int = 32
     learning_rate: float = 1e-3
@@ -50,7 +51,7 @@ class AutoencoderConfig:
     progress: bool = True
 
     def check(self) -> None:
-        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints"):
+        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "latent_channels"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be an integer >= 1")
         if not self.channels or any(not isinstance(c, int) or c < 2 for c in self.channels):
@@ -121,14 +122,15 @@ def train_autoencoder(config: AutoencoderConfig) -> Path:
         raise ValueError(f"{config.data}: frames are {size}px, not a multiple of the VAE's downsampling {factor}")
 
     torch.manual_seed(config.seed)
-    vae = build_tiny_vae(config.channels, sample_size=size).train()
+    vae = build_tiny_vae(config.channels, sample_size=size, latent_channels=config.latent_channels).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, weight_decay=0.0)
     step = 0
     latest = ckpt.latest_checkpoint(out / "checkpoints")
     if latest is not None:
         tensors, state = ckpt.load_checkpoint(latest)
-        if state["config"]["channels"] != list(config.channels):
-            raise ValueError(f"{latest}: was written for channels={state['config']['channels']}")
+        for name in ("channels", "latent_channels"):
+            if state["config"].get(name, 4) != getattr(config, name):
+                raise ValueError(f"{latest}: was written for {name}={state['config'].get(name, 4)}")
         vae.load_state_dict(ckpt.unprefixed("model", tensors))
         optimizer.load_state_dict(ckpt.optimizer_from_flat(ckpt.unprefixed("optim", tensors), state["optimizer"]))
         step = state["step"]

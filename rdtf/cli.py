@@ -118,7 +118,8 @@ def cmd_train_vae(args: argparse.Namespace) -> None:
     from rdtf.autoencoder import METRICS_NAME, AutoencoderConfig, train_autoencoder
 
     config = AutoencoderConfig(
-        data=str(args.data), output_dir=str(args.output_dir), channels=args.channels, steps=args.steps,
+        data=str(args.data), output_dir=str(args.output_dir), channels=args.channels,
+        latent_channels=args.latent_channels, steps=args.steps,
         batch_size=args.batch_size, learning_rate=args.learning_rate, gradient_weight=args.gradient_weight,
         seed=args.seed, progress=not args.quiet,
     )
@@ -157,6 +158,28 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     result = evaluate_methods(cases, methods, baselines=not args.no_baselines, backbones=backbones)
     report = write_report(result, args.out)
     print(f"report: {report}")
+
+
+def cmd_bars(args: argparse.Namespace) -> None:
+    from rdtf.bars import BarSettings, measure_quality_bars, write_quality_bars
+
+    settings = BarSettings(**_dataclass_overrides(args, BarSettings))
+    results = measure_quality_bars(args.base, args.data, lora=args.lora, settings=settings, progress=not args.quiet)
+    path = write_quality_bars(results, args.out)
+    print(f"{results['passed']} of {results['total']} quality bars met: {path}")
+
+
+def cmd_gallery(args: argparse.Namespace) -> None:
+    from rdtf.gallery import build_gallery
+
+    readme = None if args.no_readme else args.readme
+    markdown = build_gallery(
+        args.base, args.data, args.out, readme=readme, split=args.split, count=args.count, seed=args.seed,
+        exclude_motions=args.exclude_motions, num_inference_steps=args.steps, scheduler=args.scheduler,
+        text_guidance=args.text_guidance, image_guidance=args.image_guidance, device=args.device,
+        progress=not args.quiet,
+    )
+    print(f"gallery written to {markdown}" + (f"; {readme} updated between its gallery markers" if readme else ""))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -266,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     vae.add_argument("--data", type=Path, required=True, help="a prepared dataset (its train split is used)")
     vae.add_argument("--output-dir", type=Path, default=Path("runs/vae"))
     vae.add_argument("--channels", type=int, nargs="+", default=[32, 64, 64])
+    vae.add_argument("--latent-channels", type=int, default=4)
     vae.add_argument("--steps", type=int, default=2000)
     vae.add_argument("--batch-size", type=int, default=32)
     vae.add_argument("--learning-rate", type=float, default=1e-3)
@@ -296,6 +320,37 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--i3d-path", type=Path, help="local I3D TorchScript file (enables FVD)")
     evaluate.add_argument("--lpips-net", default=None, help="LPIPS trunk if the lpips package and weights are installed")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    from rdtf.bars import BarSettings
+
+    bars = commands.add_parser("bars", help="a model card's quality bars on held-out clips (vs baselines, LoRA, steps)")
+    bars.add_argument("--base", default="assets/rdtf-tiny", help="model folder")
+    bars.add_argument("--lora", type=Path, help="the held-out-motion LoRA (adds the LoRA bars)")
+    bars.add_argument("--data", type=Path, default=Path("runs/rdtf-tiny/data"), help="a prepared built-in dataset")
+    bars.add_argument("--out", type=Path, default=Path("reports/bars"), help="quality_bars.json and .md go here")
+    bars.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_dataclass_arguments(bars, BarSettings)
+    bars.set_defaults(func=cmd_bars)
+
+    gallery = commands.add_parser("gallery", help="regenerate the README's sample gallery (i2v, it2v, interpolation)")
+    gallery.add_argument("--base", default="assets/rdtf-tiny", help="model folder or hub id (ali-vilab/i2vgen-xl)")
+    gallery.add_argument("--data", type=Path, default=Path("runs/rdtf-tiny/data"),
+                         help="a prepared dataset (default: the one `rdtf build-tiny` prepares)")
+    gallery.add_argument("--out", type=Path, default=Path("assets/gallery"), help="where the pictures and gallery.md go")
+    gallery.add_argument("--readme", type=Path, default=Path("README.md"), help="its gallery markers get the tables")
+    gallery.add_argument("--no-readme", action="store_true", help="write only OUT/gallery.md")
+    gallery.add_argument("--split", default="test")
+    gallery.add_argument("--count", type=int, default=6, help="clips shown in each table")
+    gallery.add_argument("--seed", type=int, default=0, help="picks the clips and seeds the sampler")
+    gallery.add_argument("--exclude-motions", nargs="*", default=["spin"], metavar="MOTION",
+                         help="motions never shown (default: the one held out of base training)")
+    gallery.add_argument("--steps", type=int, default=15)
+    gallery.add_argument("--scheduler", default="dpm++", choices=["ddim", "dpm++", "euler"])
+    gallery.add_argument("--text-guidance", type=float, default=3.0)
+    gallery.add_argument("--image-guidance", type=float, default=1.5)
+    gallery.add_argument("--device", default="cpu")
+    gallery.add_argument("--quiet", action="store_true", help="no progress bar")
+    gallery.set_defaults(func=cmd_gallery)
 
     demo = commands.add_parser("demo", help="the main job: built-in data → reports/ on the embedded model")
     demo.add_argument("--workdir", default=".", help="where data/ and reports/ are written")

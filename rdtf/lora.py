@@ -5,9 +5,13 @@
 (``pytorch_lora_weights.safetensors``, ``unet.``-prefixed peft keys, the ``LoraConfig`` in
 the ``lora_adapter_metadata`` header) so ``StableDiffusionLoraLoaderMixin.lora_state_dict``
 reads them. Tensors trained whole next to the adapter (the mask-channel convs of a UNet
-with a condition-mask channel) ride in the same file under ``rdtf.unet.<parameter name>``;
-they are copied in as they are when loading (a LoRA scale does not apply to them) and
-bring the mask channel with them if the base lacks it.
+with a condition-mask channel) ride in the same file under ``rdtf.unet.<parameter name>``
+as deltas from the weights training started from (``rdtf_extras: delta`` in the header;
+older files hold the trained tensors whole and are turned into deltas against the base on
+load). Loaded, they become ``base + scale * delta`` with the adapter's own scale, so
+:func:`set_lora_scale` and :func:`merge_lora` treat them like the low-rank part, and they
+bring the mask channel (a zero slice, as :func:`rdtf.models.add_mask_channel`) with them
+if the base lacks it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import re
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +32,19 @@ from diffusers.utils import convert_unet_state_dict_to_peft
 from diffusers.utils.peft_utils import get_peft_kwargs, recurse_remove_peft_layers
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from rdtf.models import LATENT_CHANNELS, MASK_CHANNEL_MODULES, add_mask_channel, has_mask_channel
+from rdtf.models import MASK_CHANNEL_MODULES, add_mask_channel, has_mask_channel
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 UNET_PREFIX = "unet."
 EXTRA_PREFIX = "rdtf.unet."
 _METADATA_KEY = "lora_adapter_metadata"
+#: Header key saying how the extras are stored; files without it hold them whole.
+EXTRAS_METADATA_KEY = "rdtf_extras"
+_EXTRAS_ATTR = "_rdtf_lora_extras"
 _PROJECTIONS = r"(to_q|to_k|to_v|to_out\.0)"
 #: Where each preset puts adapters (peft full-match regexes over UNet module names).
 #: temporal = every attention whose sequence runs over frames; spatial = the per-frame transformers.
@@ -50,6 +59,31 @@ _CONFIG_FIELDS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pa
 def _unet_of(target: Any) -> nn.Module:
     """A pipeline's UNet, or the module itself."""
     return getattr(target, "unet", target)
+
+
+@dataclass
+class _Extras:
+    """What a UNet needs to keep its whole-tensor extras in step with its adapters (keys: parameter names).
+
+    ``trained_from``: per adapter in training, the weights it started from (saved deltas are
+    against them). ``base``: the weights before any loaded adapter touched them; ``deltas`` and
+    ``scales``: per loaded adapter, so the extras can always be rebuilt as base + sum(scale * delta).
+    """
+
+    trained_from: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    base: dict[str, torch.Tensor] = field(default_factory=dict)
+    deltas: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    scales: dict[str, float] = field(default_factory=dict)
+
+
+def _extras(unet: nn.Module) -> _Extras:
+    if not hasattr(unet, _EXTRAS_ATTR):
+        setattr(unet, _EXTRAS_ATTR, _Extras())
+    return getattr(unet, _EXTRAS_ATTR)
+
+
+def _cpu_copy(parameter: torch.Tensor) -> torch.Tensor:
+    return parameter.detach().to("cpu", copy=True)
 
 
 def _lora_layers(unet: nn.Module) -> list[BaseTunerLayer]:
@@ -76,7 +110,7 @@ def attach_lora(
 
     ``preset`` picks the layers (see :data:`LORA_PRESETS`) unless ``target_modules`` (peft
     syntax) is given. The base weights are frozen; with ``train_mask_channel`` a UNet with a
-    mask channel also trains its two mask-channel convs (saved whole by :func:`save_lora`).
+    mask channel also trains its two mask-channel convs (saved as deltas by :func:`save_lora`).
     """
     if target_modules is None and preset not in LORA_PRESETS:
         raise ValueError(f"preset={preset!r}: expected one of {', '.join(LORA_PRESETS)}")
@@ -95,8 +129,11 @@ def attach_lora(
     unet.requires_grad_(False)
     inject_adapter_in_model(config, unet, adapter_name=adapter_name)
     if train_mask_channel and has_mask_channel(unet):
-        for name in MASK_CHANNEL_MODULES:
-            unet.get_submodule(name).requires_grad_(True)
+        start = _extras(unet).trained_from.setdefault(adapter_name, {})
+        for module_name in MASK_CHANNEL_MODULES:
+            module = unet.get_submodule(module_name)
+            module.requires_grad_(True)
+            start.update({f"{module_name}.{name}": _cpu_copy(p) for name, p in module.named_parameters()})
     return [p for p in unet.parameters() if p.requires_grad]
 
 
@@ -115,24 +152,33 @@ def save_lora(
     """Write one adapter as a diffusers LoRA file (atomically); returns the file path.
 
     ``path`` is a ``.safetensors`` file or a folder (then ``pytorch_lora_weights.safetensors``
-    in it). ``extra_modules`` are UNet submodules stored whole; by default the mask-channel
-    convs when the UNet has them.
+    in it). ``extra_modules`` are UNet submodules trained whole with the adapter, stored as
+    deltas from the weights :func:`attach_lora` started from; by default all it trained
+    (the mask-channel convs with ``train_mask_channel``).
     """
     unet = _unet_of(unet)
     if adapter_name not in adapter_names(unet):
         raise ValueError(f"adapter_name={adapter_name!r}: not attached (have {adapter_names(unet)})")
+    start = _extras(unet).trained_from.get(adapter_name, {})
     if extra_modules is None:
-        extra_modules = MASK_CHANNEL_MODULES if has_mask_channel(unet) else ()
+        extra_modules = sorted({key.rsplit(".", 1)[0] for key in start})
     tensors = {
         UNET_PREFIX + key: value.detach().cpu().contiguous()
         for key, value in get_peft_model_state_dict(unet, adapter_name=adapter_name).items()
     }
     for module_name in extra_modules:
         for name, parameter in unet.get_submodule(module_name).named_parameters():
-            tensors[f"{EXTRA_PREFIX}{module_name}.{name}"] = parameter.detach().cpu().contiguous()
+            key = f"{module_name}.{name}"
+            if key not in start:
+                raise ValueError(f"extra module {module_name!r}: not trained with adapter {adapter_name!r} by attach_lora")
+            tensors[EXTRA_PREFIX + key] = (parameter.detach().cpu() - start[key]).contiguous()
     config = unet.peft_config[adapter_name].to_dict()
     lora_metadata = {UNET_PREFIX + key: _jsonable(config[key]) for key in _CONFIG_FIELDS}
-    metadata = {"format": "pt", _METADATA_KEY: json.dumps(lora_metadata, indent=2, sort_keys=True)}
+    metadata = {
+        "format": "pt",
+        _METADATA_KEY: json.dumps(lora_metadata, indent=2, sort_keys=True),
+        EXTRAS_METADATA_KEY: "delta",
+    }
     target = _lora_file(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
@@ -197,7 +243,9 @@ def load_lora(
     strangers = sorted({key.split(".lora_")[0] for key in peft_state} - set(modules))
     if strangers:
         raise ValueError(f"{file}: LoRA layers for modules this UNet lacks, e.g. {strangers[:3]}")
-    _load_extras(unet, extras, file)
+    needs_mask = _check_extras(unet, extras, file)
+    with safe_open(file, "pt") as handle:
+        as_deltas = (handle.metadata() or {}).get(EXTRAS_METADATA_KEY) == "delta"
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters is the point
         inject_adapter_in_model(config, unet, adapter_name=name)
@@ -206,12 +254,14 @@ def load_lora(
     for layer in _lora_layers(unet):
         layer.set_adapter(names, inference_mode=True)
         layer.set_scale(name, scale)
+    if extras:
+        _add_extras(unet, name, extras, scale, as_deltas=as_deltas, needs_mask=needs_mask)
     return name
 
 
-def _load_extras(unet: nn.Module, extras: dict[str, torch.Tensor], file: Path) -> None:
-    """Copy whole trained tensors in, first giving the UNet the mask channel they were trained with."""
-    widened = LATENT_CHANNELS + 1
+def _check_extras(unet: nn.Module, extras: dict[str, torch.Tensor], file: Path) -> bool:
+    """Fail before touching the UNet if the extras do not fit it; returns whether they need a mask channel added."""
+    widened = unet.config.in_channels + 1
     needs_mask = any(
         k.startswith(MASK_CHANNEL_MODULES) and v.ndim == 4 and v.shape[1] == widened for k, v in extras.items()
     )
@@ -223,11 +273,35 @@ def _load_extras(unet: nn.Module, extras: dict[str, torch.Tensor], file: Path) -
     for key, value in extras.items():
         if expected.get(key) != tuple(value.shape):
             raise ValueError(f"{file}: extra tensor {key!r} {tuple(value.shape)} does not fit this UNet")
-    if needs_mask and not has_mask_channel(unet):
+    return needs_mask and not has_mask_channel(unet)
+
+
+def _add_extras(
+    unet: nn.Module, name: str, extras: dict[str, torch.Tensor], scale: float, *, as_deltas: bool, needs_mask: bool
+) -> None:
+    """Register one adapter's extras (whole tensors become deltas against the base) and apply them at ``scale``."""
+    if needs_mask:
         add_mask_channel(unet)
+    state = _extras(unet)
+    parameters = dict(unet.named_parameters())
+    for key in extras:
+        state.base.setdefault(key, _cpu_copy(parameters[key]))
+    deltas = {key: value.to(state.base[key].dtype) for key, value in extras.items()}
+    state.deltas[name] = deltas if as_deltas else {key: value - state.base[key] for key, value in deltas.items()}
+    state.scales[name] = scale
+    _apply_extras(unet)
+
+
+def _apply_extras(unet: nn.Module, adapters: Sequence[str] | None = None) -> None:
+    """Set each loaded extra to base + sum(scale * delta) over ``adapters`` (default: all loaded)."""
+    state = _extras(unet)
     parameters = dict(unet.named_parameters())
     with torch.no_grad():
-        for key, value in extras.items():
+        for key, base in state.base.items():
+            value = base.clone()
+            for name, deltas in state.deltas.items():
+                if key in deltas and state.scales[name] and (adapters is None or name in adapters):
+                    value += state.scales[name] * deltas[key]
             parameters[key].copy_(value)
 
 
@@ -241,6 +315,10 @@ def set_lora_scale(target: Any, adapter_name: str, scale: float) -> None:
         raise ValueError(f"scale={scale}: must be finite")
     for layer in _lora_layers(unet):
         layer.set_scale(adapter_name, scale)
+    state = _extras(unet)
+    if adapter_name in state.deltas:
+        state.scales[adapter_name] = scale
+        _apply_extras(unet)
 
 
 def lora_scales(target: Any) -> dict[str, float]:
@@ -254,7 +332,7 @@ def lora_scales(target: Any) -> dict[str, float]:
 
 
 def merge_lora(target: Any, adapter_names_to_merge: Sequence[str] | None = None) -> None:
-    """Fold adapters (default: all loaded, at their scales) into the UNet weights and remove every adapter layer."""
+    """Fold adapters (default: all loaded, at their scales; extras too) into the UNet weights and remove every adapter layer."""
     unet = _unet_of(target)
     loaded = adapter_names(unet)
     if not loaded:
@@ -265,6 +343,8 @@ def merge_lora(target: Any, adapter_names_to_merge: Sequence[str] | None = None)
         raise ValueError(f"adapters {missing} are not loaded (loaded: {loaded})")
     for layer in _lora_layers(unet):
         layer.merge(adapter_names=[n for n in names if n in layer.scaling])
+    _apply_extras(unet, names)
+    delattr(unet, _EXTRAS_ATTR)
     recurse_remove_peft_layers(unet)
     del unet.peft_config
     if hasattr(unet, "_hf_peft_config_loaded"):

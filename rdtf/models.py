@@ -54,7 +54,6 @@ TEXT_PROJECTION_DIR = "text_projection"
 TEXT_ENCODER_KINDS = ("clip", "chinese_clip", "byte_clip")
 #: The first convs of the two image-latent branches; with a mask channel they read 5 channels.
 MASK_CHANNEL_MODULES = ("image_latents_proj_in.0", "image_latents_context_embedding.0")
-LATENT_CHANNELS = 4
 DEFAULT_HUB_ID = "ali-vilab/i2vgen-xl"
 _HUB_FILE_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
 _HUB_IGNORED = ["*.fp16.safetensors", "*.bin"]
@@ -190,17 +189,19 @@ class Components:
 
 
 def has_mask_channel(unet: I2VGenXLUNet) -> bool:
-    return unet.image_latents_proj_in[0].in_channels == LATENT_CHANNELS + 1
+    return unet.image_latents_proj_in[0].in_channels == unet.config.in_channels + 1
 
 
 def add_mask_channel(unet: I2VGenXLUNet) -> None:
-    """Let the UNet read the condition mask as a 5th ``image_latents`` channel, changing nothing yet.
+    """Let the UNet read the condition mask as one more ``image_latents`` channel, changing nothing yet.
 
     The first conv of ``image_latents_proj_in`` and of ``image_latents_context_embedding`` is
-    replaced by a 5-input conv holding the old weights plus a zero slice for the mask, so a
-    pretrained model gives bit-identical outputs until the new slice is trained. The rest of
-    the stock forward reads the channel count from the tensor (``image_latents.shape[1]``)
-    and the convs map back to 4 channels, so no other change is needed.
+    replaced by a (latent channels + 1)-input conv holding the old weights plus a zero slice
+    for the mask, so a pretrained model gives bit-identical outputs until the new slice is
+    trained. The rest of the stock forward reads the channel count from the tensor
+    (``image_latents.shape[1]``), so no other change is needed. (diffusers builds those two
+    convs with 4 inputs whatever ``in_channels`` is; a model with more latent channels gets
+    freshly initialised convs here, which is also what lets it run at all.)
     """
     if has_mask_channel(unet):
         raise ValueError("the UNet already has a mask channel")
@@ -208,8 +209,9 @@ def add_mask_channel(unet: I2VGenXLUNet) -> None:
         branch_name, index = name.rsplit(".", 1)
         branch = getattr(unet, branch_name)
         old: nn.Conv2d = branch[int(index)]
+        latent_channels = unet.config.in_channels
         new = nn.Conv2d(
-            LATENT_CHANNELS + 1,
+            latent_channels + 1,
             old.out_channels,
             old.kernel_size,
             stride=old.stride,
@@ -217,11 +219,12 @@ def add_mask_channel(unet: I2VGenXLUNet) -> None:
             device=old.weight.device,
             dtype=old.weight.dtype,
         )
-        with torch.no_grad():
-            new.weight.zero_()
-            if old.weight.device.type != "meta":
-                new.weight[:, :LATENT_CHANNELS] = old.weight
-                new.bias.copy_(old.bias)
+        if old.in_channels == latent_channels:
+            with torch.no_grad():
+                new.weight.zero_()
+                if old.weight.device.type != "meta":
+                    new.weight[:, :latent_channels] = old.weight
+                    new.bias.copy_(old.bias)
         new.requires_grad_(old.weight.requires_grad)
         branch[int(index)] = new
 
@@ -236,8 +239,11 @@ def _inference_ready(components: Components) -> Components:
     return components
 
 
-def build_tiny_vae(channels: Sequence[int], sample_size: int = 64) -> AutoencoderKL:
-    """A toy-width ``AutoencoderKL`` (4 latent channels) downsampling ``2**(len(channels) - 1)`` times.
+def build_tiny_vae(channels: Sequence[int], sample_size: int = 64, latent_channels: int = 4) -> AutoencoderKL:
+    """A toy-width ``AutoencoderKL`` downsampling ``2**(len(channels) - 1)`` times.
+
+    More latent channels than the usual 4 keep far more detail at a small latent size (the
+    UNet's cost hardly depends on them).
 
     Untrained: :func:`rdtf.autoencoder.train_autoencoder` trains one for a from-scratch model.
     """
@@ -247,7 +253,7 @@ def build_tiny_vae(channels: Sequence[int], sample_size: int = 64) -> Autoencode
         down_block_types=("DownEncoderBlock2D",) * len(channels),
         up_block_types=("UpDecoderBlock2D",) * len(channels),
         block_out_channels=tuple(channels),
-        latent_channels=LATENT_CHANNELS,
+        latent_channels=latent_channels,
         norm_num_groups=math.gcd(*channels, 8),  # up to 8 groups that divide every block's width
         sample_size=sample_size,
     )
@@ -264,6 +270,7 @@ def build_tiny_components(
     image_size: int = 32,
     num_frames: int = 8,
     sample_size: int = 16,
+    latent_channels: int = 4,
     prediction_type: str = "v_prediction",
     mask_channel: bool = True,
     text_encoder_kind: str = "byte_clip",
@@ -275,8 +282,11 @@ def build_tiny_components(
     2**(len(vae_channels)-1)). v-prediction models get the real base's zero-terminal-SNR
     schedule; epsilon models a plain one (zero SNR needs v-prediction).
     ``cross_attention_dim`` defaults to ``text_width``; when they differ a projection maps
-    text hidden states into cross-attention.
+    text hidden states into cross-attention. ``latent_channels`` other than 4 need the mask
+    channel (see :func:`add_mask_channel`).
     """
+    if latent_channels != 4 and not mask_channel:
+        raise ValueError(f"latent_channels={latent_channels}: only 4 works without the mask channel")
     if prediction_type not in ("v_prediction", "epsilon"):
         raise ValueError(f"prediction_type={prediction_type!r}: expected 'v_prediction' or 'epsilon'")
     if text_encoder_kind == "clip":
@@ -290,6 +300,8 @@ def build_tiny_components(
     n_blocks = len(unet_channels)
     unet = I2VGenXLUNet(
         sample_size=sample_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         block_out_channels=tuple(unet_channels),
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock3D",) * (n_blocks - 1) + ("DownBlock3D",),
@@ -300,7 +312,7 @@ def build_tiny_components(
     )
     if mask_channel:
         add_mask_channel(unet)
-    vae = build_tiny_vae(vae_channels, sample_size * 2 ** (len(vae_channels) - 1))
+    vae = build_tiny_vae(vae_channels, sample_size * 2 ** (len(vae_channels) - 1), latent_channels)
     if text_encoder_kind == "byte_clip":
         tokenizer = build_byte_tokenizer(max_text_length)
         text_encoder = CLIPTextModel(

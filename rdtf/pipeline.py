@@ -43,7 +43,6 @@ from rdtf.conditioning import conditioning_latents
 from rdtf.io import SUFFIX_FORMATS, Clip, composite_over, write_clip
 from rdtf.masks import TASK_USES_TEXT, TASKS, condition_mask as task_condition_mask, mask_from_string
 from rdtf.models import (
-    LATENT_CHANNELS,
     Components,
     decode_latents,
     encode_frames,
@@ -509,8 +508,9 @@ class RDTFPipeline:
         return [self._latent_cache.get(key) for key in keys]
 
     def _image_latents(self, request: _Request, latent_size: tuple[int, int]) -> torch.Tensor:
-        """``(1, 4 [+1], F, h, w)``: the given frames' latents where they sit (see :mod:`rdtf.conditioning`)."""
-        latents = torch.zeros(1, LATENT_CHANNELS, request.num_frames, *latent_size, device=self.device)
+        """``(1, C [+1], F, h, w)``: the given frames' latents where they sit (see :mod:`rdtf.conditioning`)."""
+        channels = self.components.unet.config.in_channels
+        latents = torch.zeros(1, channels, request.num_frames, *latent_size, device=self.device)
         mask = torch.zeros(1, request.num_frames, device=self.device)
         positions = sorted(request.given)
         for position, latent in zip(positions, self._frame_latents([request.given[p] for p in positions])):

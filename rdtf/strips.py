@@ -2,20 +2,21 @@
 
 Columns are ``name -> (F, H, W, 4)`` uint8 clips of one case (input, ground truth, each
 method), composited over one background and laid out left to right in one image, so
-the GIF plays every column in sync; the contact sheet (matplotlib) shows the same as a
-grid of frames for papers and PDFs. Frames smaller than :data:`MIN_COLUMN_WIDTH` are
-enlarged by an integer factor with nearest-neighbour sampling so labels fit and pixels
-stay crisp.
+the GIF plays every column in sync; the contact sheet shows the same as a grid of frames
+for papers and PDFs. Both are composed directly with numpy and Pillow (a matplotlib grid
+of one axes per frame took seconds per sheet). Frames smaller than
+:data:`MIN_COLUMN_WIDTH` are enlarged by an integer factor with nearest-neighbour
+sampling so labels fit and pixels stay crisp.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
 from rdtf.cases import EvalCase
@@ -28,6 +29,8 @@ MIN_COLUMN_WIDTH = 128
 #: What an input column shows for a frame the method was not given.
 HIDDEN_FRAME_RGBA = (170, 170, 170, 255)
 _LABEL_HEIGHT, _FOOTER_HEIGHT, _GAP, _FONT_SIZE = 18, 16, 4, 12
+#: Contact sheets: widest row label (longer names get an ellipsis) and the margin around the grid.
+_SHEET_LABEL_WIDTH, _SHEET_MARGIN = 140, 6
 _GAP_RGB, _TEXT_RGB, _GIVEN_RGB = (200, 200, 200), (20, 20, 20), (0, 110, 200)
 
 
@@ -127,6 +130,53 @@ def side_by_side_gif(
     return write_clip(Clip.from_fps(strip, fps), Path(path))
 
 
+def compose_sheet(
+    columns: Mapping[str, np.ndarray],
+    *,
+    given_mask: np.ndarray | None = None,
+    background: tuple[int, int, int] = DEFAULT_BACKGROUND,
+    title: str | None = None,
+) -> np.ndarray:
+    """The contact-sheet grid as one ``(H, W, 3)`` uint8 image: a row per column, a panel per frame.
+
+    Row labels name the columns; the header numbers the frames and marks (in blue) those
+    where ``given_mask`` is 1; ``title`` goes on top.
+    """
+    num_frames, height, width = _check_columns(columns, given_mask)
+    scale = max(1, -(-MIN_COLUMN_WIDTH // width))
+    cell_h, cell_w = height * scale, width * scale
+    font = ImageFont.load_default(size=_FONT_SIZE)
+    label_w = min(_SHEET_LABEL_WIDTH, int(max(font.getlength(name) for name in columns))) + 2 * _SHEET_MARGIN
+    title_h = _LABEL_HEIGHT if title else 0
+    top, left = _SHEET_MARGIN + title_h + _LABEL_HEIGHT, label_w
+    grid_h = len(columns) * (cell_h + _GAP) - _GAP
+    grid_w = num_frames * (cell_w + _GAP) - _GAP
+
+    canvas = np.full((top + grid_h + _SHEET_MARGIN, left + grid_w + _SHEET_MARGIN, 3), 255, np.uint8)
+    border = _GAP // 2  # the gap colour also frames the grid, so panels stand out on white
+    canvas[top - border : top + grid_h + border, left - border : left + grid_w + border] = _GAP_RGB
+    for row, frames in enumerate(columns.values()):
+        cells = composite_over(frames, background).repeat(scale, axis=1).repeat(scale, axis=2)
+        y = top + row * (cell_h + _GAP)
+        for t in range(num_frames):
+            x = left + t * (cell_w + _GAP)
+            canvas[y : y + cell_h, x : x + cell_w] = cells[t]
+
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    if title:
+        draw.text((_SHEET_MARGIN, _SHEET_MARGIN), _fit(title, font, canvas.shape[1] - 2 * _SHEET_MARGIN), fill=_TEXT_RGB, font=font)
+    for t in range(num_frames):
+        is_given = given_mask is not None and bool(given_mask[t] > 0.5)
+        text = _fit(f"{t + 1}" + (" given" if is_given else ""), font, cell_w)
+        x = left + t * (cell_w + _GAP) + (cell_w - font.getlength(text)) / 2
+        draw.text((x, top - _LABEL_HEIGHT + 2), text, fill=_GIVEN_RGB if is_given else _TEXT_RGB, font=font)
+    for row, name in enumerate(columns):
+        y = top + row * (cell_h + _GAP) + (cell_h - _FONT_SIZE) / 2
+        draw.text((_SHEET_MARGIN, y), _fit(name, font, label_w - 2 * _SHEET_MARGIN), fill=_TEXT_RGB, font=font)
+    return np.asarray(image)
+
+
 def contact_sheet(
     columns: Mapping[str, np.ndarray],
     path: str | Path,
@@ -135,31 +185,26 @@ def contact_sheet(
     background: tuple[int, int, int] = DEFAULT_BACKGROUND,
     title: str | None = None,
 ) -> Path:
-    """A grid (one row per column, one panel per frame) saved as PNG, PDF or SVG by suffix."""
+    """The grid of :func:`compose_sheet` saved as PNG, PDF or SVG (the image embedded) by suffix."""
     path = Path(path)
-    num_frames, height, width = _check_columns(columns, given_mask)
-    if path.suffix.lower() not in (".png", ".pdf", ".svg"):
+    suffix = path.suffix.lower()
+    if suffix not in (".png", ".pdf", ".svg"):
         raise ValueError(f"{path}: contact sheets are saved as .png, .pdf or .svg")
-    panel = 1.1
-    figure = Figure(figsize=(0.9 + panel * num_frames, 0.4 + panel * height / width * len(columns)), dpi=100)
-    axes = figure.subplots(len(columns), num_frames, squeeze=False)
-    for row, (name, frames) in enumerate(columns.items()):
-        rgb = composite_over(frames, background)
-        for t in range(num_frames):
-            ax = axes[row, t]
-            ax.imshow(rgb[t], interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if t == 0:
-                ax.set_ylabel(name, fontsize=8)
-            if row == 0:
-                is_given = given_mask is not None and bool(given_mask[t] > 0.5)
-                ax.set_title(f"{t + 1}" + (" given" if is_given else ""), fontsize=8, color="#006ec8" if is_given else "black")
-    if title:
-        figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
+    image = Image.fromarray(compose_sheet(columns, given_mask=given_mask, background=background, title=title))
     buffer = io.BytesIO()
-    figure.savefig(buffer, format=path.suffix.lower()[1:])
+    image.save(buffer, format="PDF" if suffix == ".pdf" else "PNG", resolution=100.0)
+    data = buffer.getvalue()
+    if suffix == ".svg":
+        data = _svg_wrapping(data, image.width, image.height)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, buffer.getvalue())
+    write_atomic(path, data)
     return path
+
+
+def _svg_wrapping(png: bytes, width: int, height: int) -> bytes:
+    """An SVG document showing one embedded PNG at its pixel size, for toolchains that want SVG."""
+    href = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    return (
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' viewBox='0 0 {width} {height}'>"
+        f"<image width='{width}' height='{height}' href='{href}' style='image-rendering:pixelated'/></svg>"
+    ).encode("ascii")

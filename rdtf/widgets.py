@@ -194,6 +194,15 @@ def generate_sticker(pipeline: RDTFPipeline, request: SampleRequest, *, progress
     return pipeline(frames=frames, condition_mask=mask, task=task, **timing, **sampler)
 
 
+def interpolation_timing(source: Clip, factor: int) -> tuple[int, float]:
+    """Frame count and fps that interpolating ``source`` by ``factor`` gives (as :meth:`RDTFPipeline.interpolate`).
+
+    Interpolation keeps the source's frames and timing, so these replace the request's
+    ``num_frames`` and ``fps``; the UI shows them instead of its sliders.
+    """
+    return (source.num_frames - 1) * factor + 1, source.fps * factor
+
+
 def task_inputs(task: str, clip: Clip, interpolation_factor: int = 2) -> tuple[Clip | None, Clip]:
     """From a full reference clip: the source a task starts from, and the ground truth to compare with.
 
@@ -356,6 +365,7 @@ class StickerStudio:
         self.num_frames = w.IntSlider(value=frames, min=2, max=max(32, frames), description="Frames", **slider)
         self.steps = w.IntSlider(value=25, min=1, max=100, description="Denoising steps", **slider)
         self.fps = w.FloatSlider(value=8.0, min=1.0, max=30.0, step=1.0, description="fps", **slider)
+        self.timing = w.HTML()
         self.seed = w.IntText(value=0, description="Seed")
         self.scheduler = w.Dropdown(options=list(SCHEDULERS), value="ddim", description="Scheduler")
         lora_options = [("(none)", None), *[(str(path), str(path)) for path in loras]]
@@ -372,6 +382,8 @@ class StickerStudio:
         self.upload.observe(self.on_upload, names="value")
         self.sample.observe(self.on_sample, names="value")
         self.task.observe(self.on_task, names="value")
+        for control in (self.upload, self.sample, self.factor):  # after their own handlers: the source is set
+            control.observe(self._show_timing, names="value")
         self.generate_button.on_click(self.on_generate)
         self.save_button.on_click(self.on_save)
         self.on_task()
@@ -384,6 +396,7 @@ class StickerStudio:
                 w.HBox([self.task, self.factor]),
                 w.HBox([self.text_guidance, self.image_guidance]),
                 w.HBox([self.num_frames, self.fps]),
+                self.timing,
                 w.HBox([self.steps, self.scheduler, self.seed]),
                 w.HBox([self.lora, self.lora_scale]),
                 self.generate_button,
@@ -405,15 +418,9 @@ class StickerStudio:
         if self._upload_error is not None:
             raise UploadError(self._upload_error)
         task = self.task.value
-        if self._uploaded is not None:
-            source = self._uploaded
-        elif self._sample is not None:
-            source = task_inputs(task, self._sample, self.factor.value)[0]
-        else:
-            source = None
         return SampleRequest(
             task=task,
-            source=source,
+            source=self._source(task),
             prompt=self.prompt.value,
             negative_prompt=self.negative_prompt.value,
             num_frames=self.num_frames.value,
@@ -427,6 +434,14 @@ class StickerStudio:
             lora=self.lora.value,
             lora_scale=self.lora_scale.value,
         )
+
+    def _source(self, task: str) -> Clip | None:
+        """The upload, else what ``task`` starts from in the picked sample (see :func:`task_inputs`)."""
+        if self._uploaded is not None:
+            return self._uploaded
+        if self._sample is not None:
+            return task_inputs(task, self._sample, self.factor.value)[0]
+        return None
 
     def ground_truth(self) -> Clip | None:
         """What the current task should produce from the picked sample (None for uploads)."""
@@ -480,8 +495,31 @@ class StickerStudio:
         )
 
     def on_task(self, change: Any = None) -> None:
-        """Show the interpolation factor only where it applies."""
-        self.factor.layout.display = None if self.task.value == "interpolation" else "none"
+        """Show the interpolation factor only where it applies; there the source sets the timing, not the sliders."""
+        interpolating = self.task.value == "interpolation"
+        self.factor.layout.display = None if interpolating else "none"
+        self.num_frames.disabled = self.fps.disabled = interpolating
+        self._show_timing()
+
+    def _show_timing(self, change: Any = None) -> None:
+        """Under the disabled Frames / fps sliders, say what interpolation will make instead."""
+        if self.task.value != "interpolation":
+            self.timing.value = ""
+            return
+        factor = self.factor.value
+        try:
+            source = self._source("interpolation")
+        except ValueError:  # a sample too short for this factor; generating reports it
+            source = None
+        if source is None or source.num_frames < 2:
+            note = f"the source clip's frames and fps ×{factor} set the output"
+        else:
+            frames, fps = interpolation_timing(source, factor)
+            note = (
+                f"{source.num_frames} source frames at {source.fps:.3g} fps ×{factor} "
+                f"→ {frames} frames at {fps:.3g} fps"
+            )
+        self.timing.value = f"<i>Interpolation: {html.escape(note)} (the Frames and fps sliders do not apply).</i>"
 
     def on_generate(self, button: Any = None) -> Clip | None:
         """Generate from the controls and show the result (next to the ground truth for a sample)."""
@@ -498,10 +536,16 @@ class StickerStudio:
             self._show_error(error)
             return None
         self.last_result = clip
+        timing = f"{clip.num_frames} frames at {clip.fps:.3g} fps"
+        if request.task == "interpolation":
+            source = request.source
+            timing = (
+                f"{source.num_frames} frames at {source.fps:.3g} fps ×{request.interpolation_factor} → {timing}"
+                " (set by the source and factor, not the Frames / fps sliders)"
+            )
         uses_text = TASK_USES_TEXT[request.task]
         self._show_message(
-            f"{request.task}: {clip.num_frames} frames at {clip.fps:.3g} fps, seed {request.seed}"
-            + ("" if uses_text else " (this task ignores the prompt)")
+            f"{request.task}: {timing}, seed {request.seed}" + ("" if uses_text else " (this task ignores the prompt)")
         )
         return clip
 

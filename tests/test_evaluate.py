@@ -24,7 +24,14 @@ from rdtf.evaluate import (
 from rdtf.io import Clip, read_clip
 from rdtf.plots import plot_metric_by_task, plot_metric_vs_parameter, plot_per_frame
 from rdtf.report import REPORT_HTML, REPORT_MD, RESULTS_JSON, ROWS_CSV, write_report
-from rdtf.strips import MIN_COLUMN_WIDTH, compose_strip, contact_sheet, input_frames, side_by_side_gif
+from rdtf.strips import (
+    MIN_COLUMN_WIDTH,
+    compose_sheet,
+    compose_strip,
+    contact_sheet,
+    input_frames,
+    side_by_side_gif,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -275,6 +282,45 @@ def test_contact_sheet_and_plots_are_written(tmp_path, result):
     assert plot_per_frame(result, tmp_path / "frames.png", metric="ssim").stat().st_size > 1000
     with pytest.raises(ValueError, match="metric 'lpips'"):
         plot_metric_by_task(result, "lpips", tmp_path / "x.png")
+
+
+def test_contact_sheet_shows_every_frame_once_with_row_and_frame_labels(tmp_path):
+    names, num_frames = ["input", "ground truth", "a very long method name indeed"], 5
+    colours = {(row, t): (40 * t + 20, 60 * row + 30, 7) for row in range(len(names)) for t in range(num_frames)}
+    columns = {}
+    for row, name in enumerate(names):
+        frames = np.full((num_frames, 16, 16, 4), 255, np.uint8)
+        for t in range(num_frames):
+            frames[t, ..., :3] = colours[row, t]
+        columns[name] = frames
+    given = np.array([1, 0, 0, 0, 1], np.float32)
+    sheet = compose_sheet(columns, given_mask=given, title="sticker0 · interpolation")
+    assert compose_sheet(columns, given_mask=given).shape[0] < sheet.shape[0]  # the title has its own line
+
+    cell = 16 * -(-MIN_COLUMN_WIDTH // 16)
+    boxes = {}
+    for key, colour in colours.items():
+        ys, xs = np.nonzero((sheet == colour).all(axis=-1))
+        assert len(ys) == cell * cell and np.ptp(ys) == np.ptp(xs) == cell - 1  # one whole, enlarged panel
+        boxes[key] = (ys.min(), xs.min())
+    for row in range(len(names)):  # rows top to bottom, frames left to right
+        assert [boxes[row, t][0] for t in range(num_frames)] == [boxes[row, 0][0]] * num_frames
+        assert sorted(boxes[row, t][1] for t in range(num_frames)) == [boxes[row, t][1] for t in range(num_frames)]
+    assert sorted(boxes[r, 0][0] for r in range(len(names))) == [boxes[r, 0][0] for r in range(len(names))]
+
+    top, left = boxes[0, 0]
+    rgb = sheet.astype(int)
+    blue = (rgb[..., 2] - rgb[..., 0] > 80) & (rgb[..., 1] < 200)
+    dark = rgb.sum(axis=-1) < 300
+    for t in range(num_frames):  # the frame numbers, in blue over the given frames
+        header = (slice(top - 18, top), slice(boxes[0, t][1], boxes[0, t][1] + cell))
+        assert dark[header].any() or blue[header].any()
+        assert blue[header].any() == bool(given[t])
+    for row in range(len(names)):  # each row is named left of its first panel
+        assert dark[boxes[row, 0][0] : boxes[row, 0][0] + cell, :left].any()
+
+    svg = contact_sheet(columns, tmp_path / "sheet.svg", given_mask=given).read_text(encoding="ascii")
+    assert svg.startswith("<svg") and f"width='{sheet.shape[1]}'" in svg and "data:image/png;base64," in svg
 
 
 def test_sweeps_plot_a_metric_against_the_parameter(tmp_path, split):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from rdtf.lora import (
@@ -21,7 +22,12 @@ from rdtf.lora import (
     save_lora,
     set_lora_scale,
 )
-from rdtf.models import MASK_CHANNEL_MODULES, build_tiny_components, has_mask_channel
+from rdtf.models import (
+    MASK_CHANNEL_MODULES,
+    add_mask_channel,
+    build_tiny_components,
+    has_mask_channel,
+)
 from rdtf.pipeline import RDTFPipeline
 
 
@@ -45,14 +51,20 @@ def _out(unet, inputs):
 
 
 def _trained(unet, preset="attention", name="default", seed=0, rank=2):
-    """Attach an adapter and give it non-zero weights, as training would."""
+    """Attach an adapter and give it (and the mask-channel convs it trains) non-zero changes, as training would."""
     params = attach_lora(unet, preset=preset, rank=rank, adapter_name=name)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for pname, p in unet.named_parameters():
             if f"lora_B.{name}" in pname:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            elif pname.startswith(MASK_CHANNEL_MODULES) and p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
     return params
+
+
+def _mask_convs(unet):
+    return {f"{m}.{w}": unet.get_submodule(m).get_parameter(w).detach().clone() for m in MASK_CHANNEL_MODULES for w in ("weight", "bias")}
 
 
 def test_presets_split_attention_into_temporal_and_spatial():
@@ -140,6 +152,74 @@ def test_extras_bring_the_mask_channel_to_a_base_without_one(tmp_path):
     load_lora(base, tmp_path)
     assert has_mask_channel(base)
     torch.testing.assert_close(_out(base, inputs), expected)
+
+
+def test_mask_channel_extras_are_saved_as_deltas_and_follow_the_lora_scale(tmp_path):
+    trained = build_tiny_components(seed=4).unet
+    base_convs = _mask_convs(trained)
+    _trained(trained)
+    trained_convs = _mask_convs(trained)
+    path = save_lora(trained, tmp_path)
+    with safe_open(path, "pt") as handle:
+        assert handle.metadata()["rdtf_extras"] == "delta"
+    stored = load_file(path)
+    for key, value in trained_convs.items():
+        assert torch.equal(stored[f"rdtf.unet.{key}"], value - base_convs[key])
+    inputs = _inputs(trained)
+    with_lora = _out(trained, inputs)
+
+    unet = build_tiny_components(seed=4).unet
+    base = _out(unet, inputs)
+    name = load_lora(unet, path, scale=0.0)
+    assert all(torch.equal(v, base_convs[k]) for k, v in _mask_convs(unet).items())
+    assert torch.equal(_out(unet, inputs), base)
+    set_lora_scale(unet, name, 1.0)
+    torch.testing.assert_close(_mask_convs(unet), trained_convs)
+    torch.testing.assert_close(_out(unet, inputs), with_lora)
+    set_lora_scale(unet, name, 0.5)
+    halfway = {k: (base_convs[k] + trained_convs[k]) / 2 for k in base_convs}
+    torch.testing.assert_close(_mask_convs(unet), halfway)
+    half = _out(unet, inputs)
+    set_lora_scale(unet, name, 0.0)
+    assert torch.equal(_out(unet, inputs), base)
+
+    set_lora_scale(unet, name, 0.5)
+    merge_lora(unet)
+    torch.testing.assert_close(_mask_convs(unet), halfway)
+    torch.testing.assert_close(_out(unet, inputs), half, atol=1e-5, rtol=1e-5)
+
+
+def test_scale_zero_extras_on_a_base_without_mask_channel_only_add_the_zero_slice(tmp_path):
+    trained = build_tiny_components(seed=2).unet
+    _trained(trained)
+    save_lora(trained, tmp_path)
+    unet = build_tiny_components(seed=2, mask_channel=False).unet
+    reference = build_tiny_components(seed=2, mask_channel=False).unet
+    add_mask_channel(reference)
+    inputs = _inputs(reference)
+    name = load_lora(unet, tmp_path, scale=0.0)
+    assert has_mask_channel(unet)
+    assert torch.equal(_out(unet, inputs), _out(reference, inputs))
+    set_lora_scale(unet, name, 1.0)
+    torch.testing.assert_close(_mask_convs(unet), _mask_convs(trained))
+
+
+def test_files_with_whole_extras_still_load_and_scale(tmp_path):
+    trained = build_tiny_components(seed=5).unet
+    _trained(trained)
+    path = save_lora(trained, tmp_path / "new.safetensors")
+    with safe_open(path, "pt") as handle:
+        metadata = {k: v for k, v in handle.metadata().items() if k != "rdtf_extras"}
+    whole = {k: v for k, v in load_file(path).items() if not k.startswith("rdtf.unet.")}
+    whole.update({f"rdtf.unet.{k}": v for k, v in _mask_convs(trained).items()})
+    save_file(whole, tmp_path / "old.safetensors", metadata=metadata)
+
+    unet = build_tiny_components(seed=5).unet
+    base_convs = _mask_convs(unet)
+    name = load_lora(unet, tmp_path / "old.safetensors", scale=1.0)
+    torch.testing.assert_close(_mask_convs(unet), _mask_convs(trained))
+    set_lora_scale(unet, name, 0.0)
+    assert all(torch.equal(v, base_convs[k]) for k, v in _mask_convs(unet).items())
 
 
 def test_scale_zero_lora_leaves_the_pipeline_output_unchanged(tmp_path):

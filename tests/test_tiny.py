@@ -13,7 +13,7 @@ from rdtf.pipeline import RDTFPipeline
 from rdtf.tiny import RECIPE_NAME, TRAINING_DIR, TinyRecipe, build_tiny_model
 from rdtf.train import CARD_NAME, LOG_NAME
 
-TOY = dict(count=40, size=32, vae_channels=[8, 16], vae_steps=3, vae_batch_size=4, unet_channels=[8, 16],
+TOY = dict(count=40, size=32, vae_channels=[8, 16], latent_channels=6, vae_steps=3, vae_batch_size=4, unet_channels=[8, 16],
            text_width=8, unet_steps=3, batch_size=2, lora_steps=2, lora_rank=2, validate_every=3)
 
 

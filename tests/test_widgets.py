@@ -35,6 +35,7 @@ from rdtf.widgets import (
     generate_sticker,
     gif_bytes,
     given_frames,
+    interpolation_timing,
     read_training_log,
     sample_clip,
     sample_gallery_html,
@@ -269,6 +270,37 @@ def test_picking_a_sample_fills_the_prompt_and_generate_shows_result_beside_grou
     studio.task.value = "t2v"
     studio.prompt.value = "一只小猫快速地上下弹跳"
     assert studio.on_generate() is not None and studio.last_error is None
+
+
+def test_interpolation_disables_the_timing_sliders_and_says_what_it_makes(studio, dataset, tmp_path):
+    studio.sample.value = 0
+    assert not studio.num_frames.disabled and not studio.fps.disabled and studio.timing.value == ""
+    studio.task.value = "interpolation"
+    assert studio.num_frames.disabled and studio.fps.disabled
+    source, truth = task_inputs("interpolation", sample_clip(dataset, 0), 2)
+    frames, fps = interpolation_timing(source, 2)
+    assert frames == truth.num_frames and fps == pytest.approx(2 * source.fps)
+    assert f"→ {frames} frames at {fps:.3g} fps" in studio.timing.value and "do not apply" in studio.timing.value
+    studio.factor.value = 3
+    source3 = task_inputs("interpolation", sample_clip(dataset, 0), 3)[0]
+    assert f"→ {interpolation_timing(source3, 3)[0]} frames" in studio.timing.value
+
+    studio.factor.value = 2
+    studio.num_frames.value, studio.fps.value = 3, 20.0  # ignored: interpolation keeps the source's timing
+    clip = studio.on_generate()
+    assert clip is not None and studio.last_error is None
+    assert clip.num_frames == frames and clip.fps == pytest.approx(fps, abs=0.1)
+    assert f"→ {frames} frames at {clip.fps:.3g} fps" in studio.status.value
+    assert "not the Frames / fps sliders" in studio.status.value
+    animation = write_clip(Clip.from_fps(np.stack([still(1), still(2), still(3)]), 4.0), tmp_path / "a.gif")
+    studio.upload.value = (upload_entry("a.gif", animation.read_bytes()),)
+    assert "3 source frames at 4 fps ×2 → 5 frames at 8 fps" in studio.timing.value
+
+    studio.task.value = "i2v"
+    assert not studio.num_frames.disabled and not studio.fps.disabled and studio.timing.value == ""
+    clip = studio.on_generate()
+    assert clip.num_frames == 3 and clip.fps == pytest.approx(20.0, abs=0.1)
+    assert "sliders" not in studio.status.value
 
 
 def test_errors_show_in_the_ui_instead_of_raising(studio):
