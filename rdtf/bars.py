@@ -50,10 +50,11 @@ class BarSettings:
     split: str = "test"  # "" = every split
     holdout_motion: str = "spin"
     clips: int | None = 40  # clips per task for the task bars (None: the whole split)
-    num_inference_steps: int = 15
-    scheduler: str = "dpm++"
-    text_guidance: float = 3.0
-    image_guidance: float = 1.5
+    # sampler; None: the model's recommended settings (rdtf_config.json)
+    num_inference_steps: int | None = None
+    scheduler: str | None = None
+    text_guidance: float | None = None
+    image_guidance: float | None = None
     text_control_images: int = 12
     text_control_motions: int = 4
     lora_clips: int = 24  # per side: held-out-motion clips and other clips
@@ -269,6 +270,9 @@ def measure_quality_bars(
         raise ValueError(f"{data}: the {settings.split!r} split has no {settings.holdout_motion!r} clips for the LoRA bars")
     torch.manual_seed(settings.seed)
     pipe = RDTFPipeline.from_pretrained(model)
+    settings = dataclasses.replace(settings, **{
+        name: value for name, value in pipe.sampler_settings.items() if getattr(settings, name) is None
+    })
     bars, result = task_bars(pipe, base_motions, settings, progress)
     bars += text_control_bars(pipe, base_motions, settings, progress)
     step, curve = step_bars(pipe, base_motions, settings, progress)

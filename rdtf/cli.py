@@ -193,10 +193,10 @@ def _add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora", type=_lora_spec, action="append", default=[], metavar="PATH[:SCALE]")
     parser.add_argument("--prompt", default="")
     parser.add_argument("--negative-prompt", default="")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--text-guidance", type=float, default=9.0)
-    parser.add_argument("--image-guidance", type=float, default=9.0)
-    parser.add_argument("--scheduler", default="ddim", choices=["ddim", "dpm++", "euler"])
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the model's recommended settings)")
+    parser.add_argument("--text-guidance", type=float, help="default: the model's recommended settings")
+    parser.add_argument("--image-guidance", type=float, help="default: the model's recommended settings")
+    parser.add_argument("--scheduler", choices=["ddim", "dpm++", "euler"], help="default: the model's recommended one")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
@@ -214,7 +214,7 @@ def _add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type
         if kind == "bool":
             parser.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=None)
         elif kind.startswith("list"):
-            item = int if kind == "list[int]" else str
+            item = {"list[int]": int, "list[float]": float}.get(kind, str)
             parser.add_argument(flag, dest=spec.name, type=item, nargs="*", default=None)
         else:
             number = int if kind.startswith("int") else float if kind.startswith("float") else str
@@ -344,10 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     gallery.add_argument("--seed", type=int, default=0, help="picks the clips and seeds the sampler")
     gallery.add_argument("--exclude-motions", nargs="*", default=["spin"], metavar="MOTION",
                          help="motions never shown (default: the one held out of base training)")
-    gallery.add_argument("--steps", type=int, default=15)
-    gallery.add_argument("--scheduler", default="dpm++", choices=["ddim", "dpm++", "euler"])
-    gallery.add_argument("--text-guidance", type=float, default=3.0)
-    gallery.add_argument("--image-guidance", type=float, default=1.5)
+    gallery.add_argument("--steps", type=int, help="default: the model's recommended settings")
+    gallery.add_argument("--scheduler", choices=["ddim", "dpm++", "euler"], help="default: the model's recommended one")
+    gallery.add_argument("--text-guidance", type=float, help="default: the model's recommended settings")
+    gallery.add_argument("--image-guidance", type=float, help="default: the model's recommended settings")
     gallery.add_argument("--device", default="cpu")
     gallery.add_argument("--quiet", action="store_true", help="no progress bar")
     gallery.set_defaults(func=cmd_gallery)

@@ -73,10 +73,10 @@ def build_gallery(
     count: int = 6,
     seed: int = 0,
     exclude_motions: Sequence[str] = ("spin",),
-    num_inference_steps: int = 25,
-    scheduler: str = "ddim",
-    text_guidance: float = 9.0,
-    image_guidance: float = 9.0,
+    num_inference_steps: int | None = None,
+    scheduler: str | None = None,
+    text_guidance: float | None = None,
+    image_guidance: float | None = None,
     device: str = "cpu",
     progress: bool = True,
 ) -> Path:
@@ -87,7 +87,7 @@ def build_gallery(
     ``exclude_motions`` (by default the motion held out of base training) and clips with
     fewer than 3 real frames. Every clip appears in all three tables; half of the it2v rows
     are prompted with the English caption and half with the Chinese one. Sampling uses
-    ``seed`` and the given sampler settings. With ``readme``, the text between
+    ``seed`` and the given sampler settings (None: the model's recommended ones). With ``readme``, the text between
     ``<!-- gallery:start -->`` and ``<!-- gallery:end -->`` there is replaced by the same
     tables with paths relative to the README, and nothing else in it changes. All inputs
     are checked before the model loads; every file is written atomically.
@@ -104,15 +104,12 @@ def build_gallery(
     dataset = StickerDataset(data, split=split)
     picked = _pick(dataset, count, seed, exclude_motions, source=f"split={split!r} of {data}")
     pipeline = RDTFPipeline.from_pretrained(model, device=device)
-
-    sampler: dict[str, Any] = {
-        "num_inference_steps": num_inference_steps,
-        "scheduler": scheduler,
-        "text_guidance": text_guidance,
-        "image_guidance": image_guidance,
-        "seed": seed,
-        "progress": False,
-    }
+    chosen = dict(num_inference_steps=num_inference_steps, scheduler=scheduler, text_guidance=text_guidance,
+                  image_guidance=image_guidance)
+    resolved = {**pipeline.sampler_settings, **{k: v for k, v in chosen.items() if v is not None}}
+    num_inference_steps, scheduler = resolved["num_inference_steps"], resolved["scheduler"]
+    text_guidance, image_guidance = resolved["text_guidance"], resolved["image_guidance"]
+    sampler: dict[str, Any] = {**resolved, "seed": seed, "progress": False}
     shown = []
     with tqdm(total=3 * len(picked), desc="gallery", unit="sample", disable=not progress) as bar:
         for number, index in enumerate(picked):
@@ -144,15 +141,18 @@ def build_gallery(
     return gallery
 
 
-def _check_settings(count: int, steps: int, scheduler: str, text_guidance: float, image_guidance: float) -> None:
+def _check_settings(
+    count: int, steps: int | None, scheduler: str | None, text_guidance: float | None, image_guidance: float | None
+) -> None:
+    """Checks of the given settings (None: the model's, checked when it loads)."""
     if not isinstance(count, int) or count < 1:
         raise ValueError(f"count={count!r}: must be an integer >= 1")
-    if not isinstance(steps, int) or steps < 1:
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
         raise ValueError(f"num_inference_steps={steps!r}: must be an integer >= 1")
-    if scheduler not in SCHEDULERS:
+    if scheduler is not None and scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler={scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
     for name, value in (("text_guidance", text_guidance), ("image_guidance", image_guidance)):
-        if not math.isfinite(value) or value < 0:
+        if value is not None and (not math.isfinite(value) or value < 0):
             raise ValueError(f"{name}={value}: must be a finite number >= 0")
 
 

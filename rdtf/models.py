@@ -20,8 +20,9 @@ import math
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import diffusers
 import numpy as np
@@ -53,6 +54,8 @@ RDTF_CONFIG_NAME = "rdtf_config.json"
 TEXT_PROJECTION_DIR = "text_projection"
 TEXT_ENCODER_KINDS = ("clip", "chinese_clip", "byte_clip")
 #: The first convs of the two image-latent branches; with a mask channel they read 5 channels.
+#: Sampler settings of the I2VGen-XL release, used where a model's config names none.
+SAMPLER_DEFAULTS: dict[str, Any] = {"num_inference_steps": 25, "scheduler": "ddim", "text_guidance": 9.0, "image_guidance": 9.0}
 MASK_CHANNEL_MODULES = ("image_latents_proj_in.0", "image_latents_context_embedding.0")
 DEFAULT_HUB_ID = "ali-vilab/i2vgen-xl"
 _HUB_FILE_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
@@ -71,13 +74,16 @@ class RDTFConfig:
     as stock I2VGen-XL), ``byte_clip`` (same tower with the offline byte-level tokenizer) or
     ``chinese_clip`` (a ChineseCLIP/BERT text tower whose last hidden states feed
     cross-attention). ``mask_channel``: the UNet's image-latent branches read the condition
-    mask as a 5th channel. ``num_frames``: the clip length the model was trained for.
+    mask as an extra channel. ``num_frames``: the clip length the model was trained for.
+    ``sampler``: the sampler settings this model is best used with (keys of
+    :data:`SAMPLER_DEFAULTS`); what it leaves out falls back to those defaults.
     """
 
     text_encoder_kind: str = "clip"
     mask_channel: bool = False
     max_text_length: int = 77
     num_frames: int = 16
+    sampler: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.text_encoder_kind not in TEXT_ENCODER_KINDS:
@@ -88,6 +94,14 @@ class RDTFConfig:
             raise ValueError(f"max_text_length={self.max_text_length}: must be >= 3")
         if self.num_frames < 1:
             raise ValueError(f"num_frames={self.num_frames}: must be >= 1")
+        unknown = sorted(set(self.sampler) - set(SAMPLER_DEFAULTS))
+        if unknown:
+            raise ValueError(f"sampler: unknown settings {unknown}; expected some of {sorted(SAMPLER_DEFAULTS)}")
+
+    @property
+    def sampler_settings(self) -> dict[str, Any]:
+        """The sampler settings to use when a caller names none: the model's, else the defaults."""
+        return {**SAMPLER_DEFAULTS, **self.sampler}
 
     @classmethod
     def from_dict(cls, values: dict, source: str = RDTF_CONFIG_NAME) -> RDTFConfig:

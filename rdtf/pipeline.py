@@ -239,6 +239,11 @@ class RDTFPipeline:
 
     # ------------------------------------------------------------------ public sampling API
 
+    @property
+    def sampler_settings(self) -> dict[str, Any]:
+        """Steps, scheduler and guidance scales used when a call names none (saved with the model)."""
+        return self.components.config.sampler_settings
+
     def __call__(self, *, output_path: str | os.PathLike | None = None, **kwargs: Any) -> Clip:
         """Generate a clip; every keyword of :meth:`generate` applies. Optionally write it to ``output_path``.
 
@@ -268,10 +273,10 @@ class RDTFPipeline:
         height: int | None = None,
         width: int | None = None,
         fps: float = DEFAULT_FPS,
-        num_inference_steps: int = 25,
-        text_guidance: float = 9.0,
-        image_guidance: float = 9.0,
-        scheduler: str = "ddim",
+        num_inference_steps: int | None = None,
+        text_guidance: float | None = None,
+        image_guidance: float | None = None,
+        scheduler: str | None = None,
         seed: int = 0,
         decode_chunk_size: int | None = 8,
         background: Sequence[int] = DEFAULT_BACKGROUND,
@@ -286,7 +291,9 @@ class RDTFPipeline:
         default of ``task`` (:func:`rdtf.masks.condition_mask`); with neither, the task is
         inferred: image + prompt -> it2v, image -> i2v, nothing -> t2v. Tasks that do not
         read text (i2v) ignore ``prompt``. RGBA inputs are flattened onto ``background``.
-        With ``keep_given`` the given frames are copied into the output unchanged.
+        With ``keep_given`` the given frames are copied into the output unchanged. Sampler
+        settings left at None (steps, guidance scales, scheduler) take the model's recommended
+        ones (:attr:`sampler_settings`).
         """
         request = self._validate(
             image=image,
@@ -370,14 +377,19 @@ class RDTFPipeline:
         height: int | None,
         width: int | None,
         fps: float,
-        num_inference_steps: int,
-        text_guidance: float,
-        image_guidance: float,
-        scheduler: str,
+        num_inference_steps: int | None,
+        text_guidance: float | None,
+        image_guidance: float | None,
+        scheduler: str | None,
         seed: int,
         decode_chunk_size: int | None,
         background: Sequence[int],
     ) -> _Request:
+        recommended = self.sampler_settings
+        num_inference_steps = recommended["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        text_guidance = recommended["text_guidance"] if text_guidance is None else text_guidance
+        image_guidance = recommended["image_guidance"] if image_guidance is None else image_guidance
+        scheduler = recommended["scheduler"] if scheduler is None else scheduler
         if task is not None and task not in TASKS:
             raise ValueError(f"task={task!r}: expected one of {', '.join(TASKS)}")
         if scheduler not in SCHEDULERS:

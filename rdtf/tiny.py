@@ -8,7 +8,9 @@ would run by hand:
 3. a randomly initialised I2VGen-XL-architecture model around that VAE (byte-level CLIP text
    tower that reads Chinese and English, toy image encoder, tiny 3-D UNet with the mask channel);
 4. ``train --mode full``: the UNet on every task, every motion but the held-out one;
-5. ``train --mode lora``: a short LoRA on the held-out motion only (the fine-tuning demo).
+5. the recommended sampler settings: a small guidance grid scored on val clips, the best
+   saved in the model's ``rdtf_config.json`` (what every caller gets by default);
+6. ``train --mode lora``: a short LoRA on the held-out motion only (the fine-tuning demo).
 
 Each stage leaves its output in ``work_dir`` and is skipped when that output exists; the two
 training stages resume from their checkpoints, so an interrupted build continues where it
@@ -24,13 +26,17 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from diffusers import AutoencoderKL
 
 from rdtf.autoencoder import METRICS_NAME, VAE_DIR, AutoencoderConfig, train_autoencoder
-from rdtf.data import prepare_dataset
+from rdtf.data import StickerDataset, prepare_dataset
+from rdtf.evaluate import cases_from_items, evaluate_methods, pipeline_method
 from rdtf.io import write_atomic
-from rdtf.models import build_tiny_components
+from rdtf.models import RDTF_CONFIG_NAME, build_tiny_components
+from rdtf.pipeline import RDTFPipeline
 from rdtf.synthetic import build_sticker_set
 from rdtf.train import CARD_NAME, LOG_NAME, MODEL_DIR, TrainConfig, train
 
@@ -58,16 +64,22 @@ class TinyRecipe:
     unet_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     text_width: int = 32
     # base training (every task, every motion but the held-out one)
-    unet_steps: int = 1400
+    unet_steps: int = 1200
     batch_size: int = 8
     learning_rate: float = 8e-4
     snr_gamma: float | None = 5.0
     ema_decay: float | None = 0.995
     # held-out-motion LoRA
-    lora_steps: int = 200
+    lora_steps: int = 150
     lora_rank: int = 8
     lora_learning_rate: float = 1e-3
     validate_every: int = 400
+    # recommended sampler settings: the grid point with the best val-split PSNR (it2v + interpolation)
+    sampler_scheduler: str = "dpm++"
+    sampler_steps: int = 15
+    sampler_text_guidance: list[float] = field(default_factory=lambda: [1.0, 2.5, 4.0])
+    sampler_image_guidance: list[float] = field(default_factory=lambda: [1.0, 2.0])
+    sampler_clips: int = 6
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -112,8 +124,11 @@ def build_tiny_model(
     lora_out = Path(lora_out) if lora_out else model_out.parent / f"{model_out.name}-lora-{recipe.holdout_motion}"
     work.mkdir(parents=True, exist_ok=True)
     recorded = work / RECIPE_NAME
-    if recorded.exists() and json.loads(recorded.read_text(encoding="utf-8")) != recipe.to_dict():
-        raise ValueError(f"{recorded}: this work folder was started with another recipe; use a new --work-dir")
+    if recorded.exists():
+        before = json.loads(recorded.read_text(encoding="utf-8"))
+        changed = sorted(k for k, v in recipe.to_dict().items() if k in before and before[k] != v)
+        if changed:
+            raise ValueError(f"{recorded}: this work folder was started with other {changed}; use a new --work-dir")
     write_atomic(recorded, json.dumps(recipe.to_dict(), indent=2).encode("utf-8"))
 
     stickers, data = work / "stickers", work / "data"
@@ -158,6 +173,9 @@ def build_tiny_model(
         _copy_into_place(staged, model_out)
         shutil.rmtree(staged)
 
+    if not json.loads((model_out / RDTF_CONFIG_NAME).read_text(encoding="utf-8")).get("sampler"):
+        recommend_sampler(model_out, data, recipe, progress)
+
     lora_run = work / f"lora-{recipe.holdout_motion}"
     if not (lora_run / CARD_NAME).exists():
         train(_train_config(
@@ -174,6 +192,34 @@ def build_tiny_model(
         _copy_into_place(staged, lora_out)
         shutil.rmtree(staged)
     return model_out, lora_out
+
+
+def recommend_sampler(model: Path, data: Path, recipe: TinyRecipe, progress: bool = True) -> dict[str, Any]:
+    """Score the guidance grid on val clips, save the best as the model's sampler settings (+ the sweep)."""
+    dataset = StickerDataset(data, split="val", predicate=lambda row: row["motion"] != recipe.holdout_motion)
+    items = [dataset[i] for i in range(min(recipe.sampler_clips, len(dataset)))]
+    cases = cases_from_items(items, ["it2v", "interpolation"])
+    pipe = RDTFPipeline.from_pretrained(model)
+    grid = {
+        (text, image): dict(scheduler=recipe.sampler_scheduler, num_inference_steps=recipe.sampler_steps,
+                            text_guidance=text, image_guidance=image)
+        for text in recipe.sampler_text_guidance
+        for image in recipe.sampler_image_guidance
+    }
+    methods = {f"text {t:g} image {i:g}": pipeline_method(pipe, seed=recipe.seed, progress=False, **options)
+               for (t, i), options in grid.items()}
+    result = evaluate_methods(cases, methods, baselines=False, keep_examples=0, progress=progress)
+    scores = {name: float(np.mean([e["mean"] for e in result.aggregates if e["method"] == name and e["metric"] == "psnr"]))
+              for name in methods}
+    best = max(scores, key=scores.get)
+    chosen = next(options for (t, i), options in grid.items() if f"text {t:g} image {i:g}" == best)
+    config_file = model / RDTF_CONFIG_NAME
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    write_atomic(config_file, json.dumps({**config, "sampler": chosen}, indent=2).encode("utf-8"))
+    sweep = {"split": "val", "clips": len(items), "tasks": ["it2v", "interpolation"], "mean_psnr_db": scores,
+             "chosen": chosen}
+    write_atomic(model / TRAINING_DIR / "sampler_sweep.json", json.dumps(sweep, indent=2).encode("utf-8"))
+    return chosen
 
 
 def _copy_training_record(recipe: TinyRecipe, record: Path, base_run: Path, vae_run: Path) -> None:

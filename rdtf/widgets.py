@@ -89,10 +89,10 @@ class SampleRequest:
     num_frames: int = 8
     interpolation_factor: int = 2
     fps: float = 8.0
-    num_inference_steps: int = 25
-    text_guidance: float = 9.0
-    image_guidance: float = 9.0
-    scheduler: str = "ddim"
+    num_inference_steps: int | None = None  # None: the model's recommended sampler settings
+    text_guidance: float | None = None
+    image_guidance: float | None = None
+    scheduler: str | None = None
     seed: int = 0
     lora: str | None = None
     lora_scale: float = 1.0
@@ -121,7 +121,7 @@ class SampleRequest:
                     f"task {self.task} with num_frames={self.num_frames} gives {given} frames of the source, "
                     f"but the source has only {self.source.num_frames}"
                 )
-        if self.scheduler not in SCHEDULERS:
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler={self.scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
         if not math.isfinite(float(self.lora_scale)):
             raise ValueError(f"lora_scale={self.lora_scale}: must be finite")
@@ -359,15 +359,17 @@ class StickerStudio:
         self.negative_prompt = w.Text(description="Negative")
         self.task = w.Dropdown(options=[(TASK_LABELS[t], t) for t in TASKS], value="it2v", description="Task")
         self.factor = w.Dropdown(options=list(INTERPOLATION_FACTORS), value=2, description="Factor")
-        guidance = dict(value=9.0, min=0.0, max=20.0, step=0.5, **slider)
-        self.text_guidance = w.FloatSlider(description="Text guidance", **guidance)
-        self.image_guidance = w.FloatSlider(description="Image guidance", **guidance)
+        recommended = pipeline.sampler_settings  # the model's own settings start the sliders
+        guidance = dict(min=0.0, max=20.0, step=0.5, **slider)
+        self.text_guidance = w.FloatSlider(value=recommended["text_guidance"], description="Text guidance", **guidance)
+        self.image_guidance = w.FloatSlider(value=recommended["image_guidance"], description="Image guidance", **guidance)
         self.num_frames = w.IntSlider(value=frames, min=2, max=max(32, frames), description="Frames", **slider)
-        self.steps = w.IntSlider(value=25, min=1, max=100, description="Denoising steps", **slider)
+        steps = recommended["num_inference_steps"]
+        self.steps = w.IntSlider(value=steps, min=1, max=max(100, steps), description="Denoising steps", **slider)
         self.fps = w.FloatSlider(value=8.0, min=1.0, max=30.0, step=1.0, description="fps", **slider)
         self.timing = w.HTML()
         self.seed = w.IntText(value=0, description="Seed")
-        self.scheduler = w.Dropdown(options=list(SCHEDULERS), value="ddim", description="Scheduler")
+        self.scheduler = w.Dropdown(options=list(SCHEDULERS), value=recommended["scheduler"], description="Scheduler")
         lora_options = [("(none)", None), *[(str(path), str(path)) for path in loras]]
         self.lora = w.Dropdown(options=lora_options, value=None, description="LoRA")
         self.lora_scale = w.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.05, description="LoRA scale", **slider)

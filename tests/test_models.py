@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 import time
 import warnings
@@ -13,6 +14,7 @@ import torch
 
 from rdtf.models import (
     ModelNotFoundError,
+    SAMPLER_DEFAULTS,
     RDTFConfig,
     add_mask_channel,
     build_tiny_components,
@@ -24,6 +26,7 @@ from rdtf.models import (
     load_components,
     replace_text_encoder,
 )
+from rdtf.pipeline import RDTFPipeline
 from rdtf.tokenizer import CaptionTruncatedWarning, build_byte_tokenizer, build_char_tokenizer, tokenize
 
 CHINESE = "一只戴着墨镜的小猫在挥手打招呼"
@@ -193,3 +196,33 @@ def test_rdtf_config_rejects_unknown_kinds_and_keys(tmp_path):
         RDTFConfig(text_encoder_kind="t5")
     with pytest.raises(ValueError, match="unknown keys"):
         RDTFConfig.from_dict({"mask_channel": True, "lora": 1})
+
+
+def test_a_model_with_more_latent_channels_samples_and_round_trips(tmp_path):
+    components = build_tiny_components(seed=0, latent_channels=6)
+    assert components.vae.config.latent_channels == components.unet.config.in_channels == 6
+    pipe = RDTFPipeline(components)
+    image = np.full((16, 16, 3), 120, np.uint8)
+    frames = pipe.generate(image=image, num_inference_steps=2, num_frames=4, progress=False)
+    loaded = RDTFPipeline.from_pretrained(components.save_pretrained(tmp_path / "m"))
+    again = loaded.generate(image=image, num_inference_steps=2, num_frames=4, progress=False)
+    np.testing.assert_allclose(frames, again, atol=1e-5)
+    with pytest.raises(ValueError, match="latent_channels=6"):
+        build_tiny_components(seed=0, latent_channels=6, mask_channel=False)
+
+
+def test_the_models_recommended_sampler_settings_apply_unless_a_call_names_its_own(tmp_path):
+    components = build_tiny_components(seed=0)
+    assert RDTFPipeline(components).sampler_settings == SAMPLER_DEFAULTS
+    recommended = {"num_inference_steps": 3, "scheduler": "dpm++", "text_guidance": 2.0, "image_guidance": 1.0}
+    components.config = dataclasses.replace(components.config, sampler=recommended)
+    pipe = RDTFPipeline.from_pretrained(components.save_pretrained(tmp_path / "m"))
+    assert pipe.sampler_settings == recommended
+    image = np.full((16, 16, 3), 120, np.uint8)
+    by_default = pipe.generate(image=image, prompt="a cat", num_frames=4, progress=False)
+    np.testing.assert_array_equal(by_default, pipe.generate(image=image, prompt="a cat", num_frames=4, progress=False,
+                                                            **recommended))
+    other = pipe.generate(image=image, prompt="a cat", num_frames=4, progress=False, num_inference_steps=2)
+    assert not np.allclose(other, by_default)
+    with pytest.raises(ValueError, match="unknown settings \\['steps'\\]"):
+        RDTFConfig(sampler={"steps": 10})
