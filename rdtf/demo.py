@@ -1,41 +1,65 @@
-"""The README's main job: the built-in sticker set, prepared by notebook 01, and a baseline report.
+"""The README's main job: notebooks 01 → 04 on the embedded model and the built-in data.
 
-It grows with the kit: today it runs ``01_prepare_data`` headlessly (papermill) on the
-built-in set and scores the simple baselines on the held-out test emoji, so the numbers
-every model must beat are on disk before any model runs. The notebooks 02-04 join once
-the embedded model ships. Everything lands in ``<workdir>/data`` and ``<workdir>/reports``.
+``01_prepare_data`` builds and prepares the built-in sticker set, ``02_finetune_lora``
+fine-tunes a LoRA of the embedded ``assets/rdtf-tiny`` on it, ``03_sample_interactive``
+samples through the studio's direct path, and ``04_compare_ground_truth`` scores the base
+and the LoRA against the baselines on the held-out test emoji. Executed notebooks and
+their HTML pages land in ``<workdir>/reports/notebooks``, the comparison report in
+``<workdir>/reports/compare``; nothing is downloaded.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from rdtf.backbones import load_backbones
-from rdtf.data import StickerDataset
-from rdtf.evaluate import cases_from_items, evaluate_methods
-from rdtf.notebooks import run_notebook
-from rdtf.report import write_report
+from rdtf.notebooks import kit_root, run_all
 
-DEMO_TASKS = ("i2v", "interpolation", "predict_forward", "predict_backward")
+EMBEDDED_MODEL = "assets/rdtf-tiny"
 
 
-def run_demo(workdir: Path, *, smoke: bool = False) -> list[Path]:
-    """Run the main job; returns the executed notebook(s) and the baseline report."""
-    workdir = workdir.resolve()  # notebooks run from the kit's root: hand them absolute paths
-    count, eval_clips = (60, 6) if smoke else (600, 40)
-    data = workdir / "data" / "builtin-prepared"
-    reports = workdir / "reports"
-    notebook = run_notebook(
-        "01_prepare_data",
-        reports / "notebooks",
-        {"builtin_dir": str(workdir / "data" / "builtin"), "out_dir": str(data), "count": count, "size": 64},
-        progress=True,
-    )
-    test = StickerDataset(data, split="test")
-    items = [test[i] for i in range(min(eval_clips, len(test)))]
-    backbones = load_backbones(lpips_net="alex")  # used when installed locally, else reported unavailable
-    result = evaluate_methods(cases_from_items(items, DEMO_TASKS), {}, backbones=backbones, resamples=200)
-    report = write_report(result, reports / "baselines", title="Baselines on the built-in test split")
-    html = notebook.with_suffix(".html")
-    print(f"dataset:          {data}\nnotebook report:  {html}\nbaseline report:  {report}")
-    return [html, report]
+@dataclass(frozen=True)
+class DemoSizes:
+    """How much work each notebook does: the full main job, or a smoke run for the tests."""
+
+    stickers: int
+    lora_steps: int
+    compare_clips: int
+    sweep_clips: int
+    sweep_steps: tuple[int, ...]
+
+
+FULL = DemoSizes(stickers=600, lora_steps=60, compare_clips=12, sweep_clips=4, sweep_steps=(5, 10, 15, 25))
+SMOKE = DemoSizes(stickers=40, lora_steps=2, compare_clips=2, sweep_clips=1, sweep_steps=(1, 2))
+
+
+def demo_parameters(workdir: Path, sizes: DemoSizes, model: Path) -> dict[str, dict]:
+    """Each notebook's parameters: absolute paths, since the notebooks run from the kit's folder."""
+    data, runs, reports = workdir / "data" / "builtin-prepared", workdir / "runs", workdir / "reports"
+    return {
+        "01_prepare_data": {"builtin_dir": str(workdir / "data" / "builtin"), "out_dir": str(data),
+                            "count": sizes.stickers, "size": 64},
+        "02_finetune_lora": {"base": str(model), "data": str(data), "output_dir": str(runs / "lora"),
+                             "max_steps": sizes.lora_steps, "batch_size": 4, "learning_rate": 1e-3,
+                             "lora_rank": 8, "validate_every": sizes.lora_steps, "checkpoint_every": sizes.lora_steps,
+                             "log_every": max(1, sizes.lora_steps // 10)},
+        "03_sample_interactive": {"base": str(model), "data": str(data), "lora_dir": str(runs),
+                                  "export_dir": str(workdir / "stickers")},
+        "04_compare_ground_truth": {"base": str(model), "lora_path": str(runs / "lora"), "data": str(data),
+                                    "num_clips": sizes.compare_clips, "sweep_clips": sizes.sweep_clips,
+                                    "sweep_steps": list(sizes.sweep_steps), "report_dir": str(reports / "compare")},
+    }
+
+
+def run_demo(workdir: Path, *, smoke: bool = False, model: Path | None = None) -> list[Path]:
+    """Run the main job; returns the executed notebooks' HTML pages and the comparison report."""
+    workdir = workdir.resolve()
+    model = (model or kit_root() / EMBEDDED_MODEL).resolve()
+    if not (model / "model_index.json").is_file():
+        raise FileNotFoundError(f"{model}: the embedded model is missing (rebuild it with `rdtf build-tiny`)")
+    parameters = demo_parameters(workdir, SMOKE if smoke else FULL, model)
+    executed = run_all(workdir / "reports" / "notebooks", parameters, progress=True)
+    pages = [path.with_suffix(".html") for path in executed]
+    report = workdir / "reports" / "compare" / "report.html"
+    print("notebook reports:\n" + "\n".join(f"  {page}" for page in pages) + f"\ncomparison report: {report}")
+    return [*pages, report]

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from rdtf.bars import BarSettings, measure_quality_bars, motion_variants, text_control_bars, write_quality_bars
+from rdtf.bars import (
+    BarSettings,
+    measure_quality_bars,
+    motion_variants,
+    text_control_bars,
+    write_quality_bars,
+)
 from rdtf.data import StickerDataset, prepare_dataset
 from rdtf.evaluate import frames_from_item
 from rdtf.io import composite_over

@@ -115,10 +115,21 @@ def test_export_meets_a_preset(tmp_path, capsys):
     assert read_clip(tmp_path / "out.webp").width == 512
 
 
-def test_demo_smoke_builds_data_and_the_baseline_report(tmp_path, capsys):
+def test_demo_smoke_runs_every_notebook_on_the_embedded_model(tmp_path, capsys):
     assert main(["demo", "--workdir", str(tmp_path), "--smoke"]) == 0
-    assert (tmp_path / "reports" / "baselines" / "report.html").is_file()
-    assert "report:" in capsys.readouterr().out
+    pages = sorted(path.name for path in (tmp_path / "reports" / "notebooks").glob("*.html"))
+    assert pages == ["01_prepare_data.html", "02_finetune_lora.html", "03_sample_interactive.html",
+                     "04_compare_ground_truth.html"]
+    assert (tmp_path / "reports" / "compare" / "report.html").is_file()
+    assert (tmp_path / "runs" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert "comparison report:" in capsys.readouterr().out
+
+
+def test_demo_without_the_embedded_model_says_how_to_rebuild_it(tmp_path):
+    from rdtf.demo import run_demo
+
+    with pytest.raises(FileNotFoundError, match="rdtf build-tiny"):
+        run_demo(tmp_path, smoke=True, model=tmp_path / "no-model")
 
 
 def test_train_vae_writes_a_loadable_vae(prepared, tmp_path, capsys):
