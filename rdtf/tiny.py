@@ -64,7 +64,7 @@ class TinyRecipe:
     unet_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     text_width: int = 32
     # base training (every task, every motion but the held-out one)
-    unet_steps: int = 1200
+    unet_steps: int = 1000
     batch_size: int = 8
     learning_rate: float = 8e-4
     snr_gamma: float | None = 5.0
