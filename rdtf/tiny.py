@@ -68,6 +68,9 @@ class TinyRecipe:
     batch_size: int = 8
     learning_rate: float = 8e-4
     snr_gamma: float | None = 5.0
+    # Min-SNR gives v-prediction's zero-SNR (pure noise) step zero weight, so a model trained
+    # with it all along never learns to start sampling from its conditioning: plain MSE after.
+    snr_gamma_steps: int | None = 600
     ema_decay: float | None = 0.995
     # held-out-motion LoRA
     lora_steps: int = 150
@@ -163,6 +166,7 @@ def build_tiny_model(
             recipe, base=str(init), data=str(data), output_dir=str(base_run), mode="full",
             exclude_motions=[recipe.holdout_motion], max_steps=recipe.unet_steps,
             learning_rate=recipe.learning_rate, lr_warmup_steps=100, snr_gamma=recipe.snr_gamma,
+            snr_gamma_steps=recipe.snr_gamma_steps,
             ema_decay=recipe.ema_decay, progress=progress,
         ))
     if not (model_out / TRAINING_DIR / CARD_NAME).exists():

