@@ -19,6 +19,15 @@ from rdtf.notebooks import kit_root
 from rdtf.pipeline import RDTFPipeline
 from rdtf.synthetic import build_sticker_set
 
+REDUCED_CLIPS = 3
+#: (bar, smallest measured value accepted here). rdtf-tiny v0 meets only the i2v bars (see its
+#: quality_bars.md); the others are regression guards a little below what it measures now
+#: (it2v -0.9 dB and interpolation -3.0 dB against their baselines on 6 clips).
+REDUCED_BARS: list[tuple[str, float]] = [
+    ("i2v sharpness (gradient energy / ground truth's, median clip)", 0.6),
+    ("it2v PSNR vs the static sticker", -3.0),
+    ("interpolation 2x vs cross-fade", -6.0),
+]
 MODEL = kit_root() / "assets" / "rdtf-tiny"
 LORA = kit_root() / "assets" / "rdtf-tiny-lora-spin"
 
@@ -33,9 +42,6 @@ def bars(tmp_path_factory) -> dict[str, dict]:
     settings = BarSettings(clips=REDUCED_CLIPS, **pipe.sampler_settings)
     measured, _ = task_bars(pipe, held_out, settings, progress=False)
     return {bar["bar"]: bar for bar in measured}
-
-
-REDUCED_CLIPS = 6
 
 
 def test_the_shipped_model_is_small_safetensors_with_its_training_record():
@@ -53,7 +59,7 @@ def _margin(bars: dict[str, dict], name: str) -> float:
     return bars[name]["measured"]
 
 
-@pytest.mark.parametrize(("bar", "at_least"), REDUCED_BARS := [])
+@pytest.mark.parametrize(("bar", "at_least"), REDUCED_BARS)
 def test_a_reduced_bar_holds_on_a_few_held_out_clips(bars, bar, at_least):
     assert _margin(bars, bar) >= at_least, bars[bar]
 
