@@ -228,8 +228,17 @@ def _dataclass_overrides(args: argparse.Namespace, config_class: type) -> dict:
     return {name: value for name, value in vars(args).items() if name in fields and value is not None}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI; with ``command`` named, only that subcommand's config flags are built.
+
+    Those flags come from dataclasses in modules that import torch and diffusers, so
+    ``rdtf --help`` and light commands (synth, prepare, export) skip them and start fast.
+    """
     parser = argparse.ArgumentParser(prog="rdtf", description=__doc__)
+
+    def wanted(name: str) -> bool:
+        return command is None or command == name
+
     commands = parser.add_subparsers(dest="command", required=True)
 
     synth = commands.add_parser("synth", help="build the built-in sticker set (OpenMoji art, known motions)")
@@ -277,12 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampler_arguments(interpolate)
     interpolate.set_defaults(func=cmd_interpolate)
 
-    from rdtf.tiny import TinyRecipe
-    from rdtf.train import TrainConfig
-
     train = commands.add_parser("train", help="LoRA fine-tuning or from-scratch training (accelerate launch for GPUs)")
     train.add_argument("--config", type=Path, help="YAML file of TrainConfig fields (flags override it)")
-    _add_dataclass_arguments(train, TrainConfig)
+    if wanted("train"):
+        from rdtf.train import TrainConfig
+
+        _add_dataclass_arguments(train, TrainConfig)
     train.set_defaults(func=cmd_train)
 
     vae = commands.add_parser("train-vae", help="train the tiny VAE of a from-scratch model on a dataset's frames")
@@ -302,7 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--work-dir", type=Path, default=Path("runs/rdtf-tiny"), help="stages and checkpoints (resumable)")
     tiny.add_argument("--out", type=Path, default=Path("assets/rdtf-tiny"), help="the shipped model folder")
     tiny.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_dataclass_arguments(tiny, TinyRecipe)
+    if wanted("build-tiny"):
+        from rdtf.tiny import TinyRecipe
+
+        _add_dataclass_arguments(tiny, TinyRecipe)
     tiny.set_defaults(func=cmd_build_tiny)
 
     evaluate = commands.add_parser("evaluate", help="score models and baselines against ground truth; HTML report")
@@ -311,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", action="append", default=[], metavar="[NAME=]BASE[+LORA[:SCALE]...]",
                           help="a model to score, with optional LoRAs; repeat to compare (e.g. base vs base+LoRA)")
     evaluate.add_argument("--tasks", nargs="+", default=["i2v", "it2v", "interpolation", "predict_forward"])
-    evaluate.add_argument("--steps", type=int, default=25)
+    evaluate.add_argument("--steps", type=int, help="denoising steps (default: each model's recommended settings)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--limit", type=int, help="evaluate only the first N clips")
     evaluate.add_argument("--out", type=Path, default=Path("reports/evaluation"))
@@ -321,15 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--lpips-net", default=None, help="LPIPS trunk if the lpips package and weights are installed")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    from rdtf.bars import BarSettings
-
     bars = commands.add_parser("bars", help="a model card's quality bars on held-out clips (vs baselines, LoRA, steps)")
     bars.add_argument("--base", default="assets/rdtf-tiny", help="model folder")
     bars.add_argument("--lora", type=Path, help="the held-out-motion LoRA (adds the LoRA bars)")
     bars.add_argument("--data", type=Path, default=Path("runs/rdtf-tiny/data"), help="a prepared built-in dataset")
     bars.add_argument("--out", type=Path, default=Path("reports/bars"), help="quality_bars.json and .md go here")
     bars.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_dataclass_arguments(bars, BarSettings)
+    if wanted("bars"):
+        from rdtf.bars import BarSettings
+
+        _add_dataclass_arguments(bars, BarSettings)
     bars.set_defaults(func=cmd_bars)
 
     gallery = commands.add_parser("gallery", help="regenerate the README's sample gallery (i2v, it2v, interpolation)")
@@ -360,7 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((token for token in argv if not token.startswith("-")), "")
+    args = build_parser(command).parse_args(argv)
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as error:

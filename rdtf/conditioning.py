@@ -1,17 +1,29 @@
 """What the UNet sees of the given frames: one function shared by training and sampling.
 
-``image_latents`` of I2VGen-XL carry, per frame, either a given frame's clean latent or the
-stock position signal (a constant plane ``i / (F - 1)``). A model with the mask channel
-also reads the condition mask as a fifth channel, so it can tell a given frame from a plane.
+``image_latents`` of I2VGen-XL carry, per frame, either a given frame's clean latent or a
+fill for the frames to generate. A model with the mask channel also reads the condition
+mask as one more channel, so it can tell a given frame from a fill. Two fills
+(``RDTFConfig.condition_fill``):
+
+* ``position`` (stock I2VGen-XL): a constant plane ``i / (F - 1)``;
+* ``interpolate``: the given latents interpolated linearly in time, held beyond the first
+  and last given frame (the static sticker for i2v, the repeated frame for prediction, a
+  latent cross-fade for interpolation). The model then starts from what the baselines
+  would give and learns only the motion on top, which a small model learns far sooner.
+  With nothing given (t2v) it falls back to the position plane.
 """
 
 from __future__ import annotations
 
 import torch
 
+CONDITION_FILLS: tuple[str, ...] = ("position", "interpolate")
 
-def conditioning_latents(latents: torch.Tensor, condition_mask: torch.Tensor, mask_channel: bool) -> torch.Tensor:
-    """``(B, 4, F, h, w)`` clean latents + ``(B, F)`` mask → ``(B, 4 [+1], F, h, w)`` image latents.
+
+def conditioning_latents(
+    latents: torch.Tensor, condition_mask: torch.Tensor, mask_channel: bool, fill: str = "position"
+) -> torch.Tensor:
+    """``(B, C, F, h, w)`` clean latents + ``(B, F)`` mask → ``(B, C [+1], F, h, w)`` image latents.
 
     Latents of frames that are not given never reach the result, so callers may pass
     anything (zeros) there.
@@ -19,9 +31,35 @@ def conditioning_latents(latents: torch.Tensor, condition_mask: torch.Tensor, ma
     batch, _, frames, height, width = latents.shape
     if condition_mask.shape != (batch, frames):
         raise ValueError(f"condition_mask shape {tuple(condition_mask.shape)} != (batch, frames) = {(batch, frames)}")
+    if fill not in CONDITION_FILLS:
+        raise ValueError(f"fill={fill!r}: expected one of {', '.join(CONDITION_FILLS)}")
     positions = torch.arange(frames, device=latents.device, dtype=latents.dtype) / max(frames - 1, 1)
     mask = condition_mask.to(latents.device, latents.dtype).view(batch, 1, frames, 1, 1)
-    image_latents = mask * latents + (1 - mask) * positions.view(1, 1, frames, 1, 1)
+    filler = positions.view(1, 1, frames, 1, 1).expand_as(latents)
+    if fill == "interpolate":
+        filler = _interpolate_given(latents, condition_mask.to(latents.device) > 0.5, filler)
+    image_latents = mask * latents + (1 - mask) * filler
     if mask_channel:
         image_latents = torch.cat([image_latents, mask.expand(batch, 1, frames, height, width)], dim=1)
     return image_latents
+
+
+def _interpolate_given(latents: torch.Tensor, given: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """Per clip, each frame from its nearest given neighbours (linear in time); ``fallback`` where none is given."""
+    batch, _, frames = latents.shape[:3]
+    index = torch.arange(frames, device=latents.device).expand(batch, frames)
+    before = torch.where(given, index, -1).cummax(dim=1).values
+    after = torch.where(given, index, frames).flip(1).cummin(dim=1).values.flip(1)
+    before_or_after = torch.where(before < 0, after, before)
+    after_or_before = torch.where(after >= frames, before, after)
+    span = (after_or_before - before_or_after).clamp(min=1)
+    weight = ((index - before_or_after).clamp(min=0) / span).clamp(max=1).to(latents.dtype)
+
+    def frames_at(position: torch.Tensor) -> torch.Tensor:
+        gather = position.clamp(0, frames - 1).view(batch, 1, frames, 1, 1).expand_as(latents)
+        return latents.gather(2, gather)
+
+    weight = weight.view(batch, 1, frames, 1, 1)
+    filled = (1 - weight) * frames_at(before_or_after) + weight * frames_at(after_or_before)
+    nothing_given = ~given.any(dim=1)
+    return torch.where(nothing_given.view(batch, 1, 1, 1, 1), fallback, filled)

@@ -48,6 +48,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from rdtf.conditioning import CONDITION_FILLS
 from rdtf.tokenizer import build_byte_tokenizer, build_char_tokenizer, tokenize
 
 RDTF_CONFIG_NAME = "rdtf_config.json"
@@ -77,6 +78,9 @@ class RDTFConfig:
     mask as an extra channel. ``num_frames``: the clip length the model was trained for.
     ``sampler``: the sampler settings this model is best used with (keys of
     :data:`SAMPLER_DEFAULTS`); what it leaves out falls back to those defaults.
+    ``condition_fill``: what the image latents carry at frames to generate (``position``, the
+    stock plane, or ``interpolate``, the given latents interpolated in time; see
+    :mod:`rdtf.conditioning`); ``interpolate`` needs the mask channel.
     """
 
     text_encoder_kind: str = "clip"
@@ -84,8 +88,13 @@ class RDTFConfig:
     max_text_length: int = 77
     num_frames: int = 16
     sampler: dict[str, Any] = field(default_factory=dict)
+    condition_fill: str = "position"
 
     def __post_init__(self) -> None:
+        if self.condition_fill not in CONDITION_FILLS:
+            raise ValueError(f"condition_fill={self.condition_fill!r}: expected one of {', '.join(CONDITION_FILLS)}")
+        if self.condition_fill != "position" and not self.mask_channel:
+            raise ValueError(f"condition_fill={self.condition_fill!r} needs mask_channel=True (the UNet must tell a given frame from a fill)")
         if self.text_encoder_kind not in TEXT_ENCODER_KINDS:
             raise ValueError(
                 f"text_encoder_kind={self.text_encoder_kind!r}: expected one of {', '.join(TEXT_ENCODER_KINDS)}"
@@ -289,6 +298,7 @@ def build_tiny_components(
     mask_channel: bool = True,
     text_encoder_kind: str = "byte_clip",
     max_text_length: int = 128,
+    condition_fill: str = "position",
 ) -> Components:
     """Randomly initialised components with the real architecture at toy width, built offline.
 
@@ -307,7 +317,7 @@ def build_tiny_components(
         raise ValueError(
             "text_encoder_kind='clip' needs the downloaded OpenCLIP tokenizer; tiny models use 'byte_clip'"
         )
-    config = RDTFConfig(text_encoder_kind, mask_channel, max_text_length, num_frames)
+    config = RDTFConfig(text_encoder_kind, mask_channel, max_text_length, num_frames, condition_fill=condition_fill)
     context_dim = cross_attention_dim or text_width
     groups = min(unet_channels[0], 2)
     torch.manual_seed(seed)

@@ -7,7 +7,9 @@ stock model exactly for its own case (one given frame at position 0) and general
 
 * given frames' VAE latents (posterior mean x scaling factor) sit at their positions in
   ``image_latents``; every other position carries the stock position signal, a constant
-  plane ``i / (F - 1)``; a UNet with a mask channel also reads the condition mask;
+  plane ``i / (F - 1)``, or for models saved with ``condition_fill="interpolate"`` the
+  given latents interpolated in time (:mod:`rdtf.conditioning`); a UNet with a mask
+  channel also reads the condition mask;
 * the CLIP image embedding comes from the first given frame (zero when none is given);
 * classifier-free guidance on text and image separately:
   ``eps = u + s_img (i - u) + s_txt (f - i)`` with u = negative text + zero image,
@@ -528,7 +530,7 @@ class RDTFPipeline:
         for position, latent in zip(positions, self._frame_latents([request.given[p] for p in positions])):
             latents[0, :, position] = latent.float()
             mask[0, position] = 1.0
-        return conditioning_latents(latents, mask, has_mask_channel(self.components.unet))
+        return conditioning_latents(latents, mask, has_mask_channel(self.components.unet), self.components.config.condition_fill)
 
     def _guidance_branches(self, request: _Request) -> tuple[list[tuple[str, bool]], Callable[..., torch.Tensor]]:
         """The (text, with_image) conditions to evaluate and how to combine their predictions."""

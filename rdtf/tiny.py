@@ -63,23 +63,27 @@ class TinyRecipe:
     # model
     unet_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     text_width: int = 32
+    # frames to generate start from the given latents interpolated in time (see rdtf.conditioning)
+    condition_fill: str = "interpolate"
     # base training (every task, every motion but the held-out one)
     unet_steps: int = 1000
     batch_size: int = 8
     learning_rate: float = 8e-4
-    snr_gamma: float | None = 5.0
-    # Min-SNR gives v-prediction's zero-SNR (pure noise) step zero weight, so a model trained
-    # with it all along never learns to start sampling from its conditioning: plain MSE after.
-    snr_gamma_steps: int | None = 600
+    # Plain MSE: min-SNR gives v-prediction's zero-SNR (pure noise) step zero weight, so a model
+    # trained with it never learns to start sampling from its conditioning (v0 used it for 600 steps).
+    snr_gamma: float | None = None
+    snr_gamma_steps: int | None = None
     ema_decay: float | None = 0.995
     # held-out-motion LoRA
     lora_steps: int = 150
     lora_rank: int = 8
     lora_learning_rate: float = 1e-3
     validate_every: int = 400
-    # recommended sampler settings: the grid point with the best val-split PSNR (it2v + interpolation)
+    # recommended sampler settings: the guidance pair with the best val-split PSNR (it2v + interpolation)
+    # at the most steps, then the fewest steps within sampler_step_tolerance_db of the best count
     sampler_scheduler: str = "dpm++"
-    sampler_steps: int = 15
+    sampler_step_counts: list[int] = field(default_factory=lambda: [6, 8, 10, 15])
+    sampler_step_tolerance_db: float = 0.1
     sampler_text_guidance: list[float] = field(default_factory=lambda: [1.0, 2.5, 4.0])
     sampler_image_guidance: list[float] = field(default_factory=lambda: [1.0, 2.0])
     sampler_clips: int = 6
@@ -155,6 +159,7 @@ def build_tiny_model(
         components = build_tiny_components(
             recipe.seed, unet_channels=recipe.unet_channels, vae_channels=recipe.vae_channels,
             text_width=recipe.text_width, num_frames=recipe.num_frames, latent_channels=recipe.latent_channels,
+            condition_fill=recipe.condition_fill,
             sample_size=recipe.size // 2 ** (len(recipe.vae_channels) - 1),
         )
         trained_vae = AutoencoderKL.from_pretrained(vae_run / VAE_DIR, use_safetensors=True)
@@ -199,31 +204,52 @@ def build_tiny_model(
 
 
 def recommend_sampler(model: Path, data: Path, recipe: TinyRecipe, progress: bool = True) -> dict[str, Any]:
-    """Score the guidance grid on val clips, save the best as the model's sampler settings (+ the sweep)."""
+    """Choose the model's sampler settings on val clips; save them in its config and the sweep beside it.
+
+    First the guidance grid at the most steps, then, at the best pair, the fewest steps whose
+    PSNR is within ``recipe.sampler_step_tolerance_db`` of the best step count's: the default
+    sampling cost is what a user pays on every call.
+    """
     dataset = StickerDataset(data, split="val", predicate=lambda row: row["motion"] != recipe.holdout_motion)
     items = [dataset[i] for i in range(min(recipe.sampler_clips, len(dataset)))]
     cases = cases_from_items(items, ["it2v", "interpolation"])
     pipe = RDTFPipeline.from_pretrained(model)
+
+    def mean_psnr(candidates: dict[str, dict[str, Any]]) -> dict[str, float]:
+        if not candidates:
+            return {}
+        methods = {name: pipeline_method(pipe, seed=recipe.seed, progress=False, **options)
+                   for name, options in candidates.items()}
+        result = evaluate_methods(cases, methods, baselines=False, keep_examples=0, progress=progress)
+        return {name: float(np.mean([e["mean"] for e in result.aggregates if e["method"] == name and e["metric"] == "psnr"]))
+                for name in methods}
+
+    most = max(recipe.sampler_step_counts)
     grid = {
-        (text, image): dict(scheduler=recipe.sampler_scheduler, num_inference_steps=recipe.sampler_steps,
-                            text_guidance=text, image_guidance=image)
+        f"text {text:g} image {image:g}": dict(scheduler=recipe.sampler_scheduler, num_inference_steps=most,
+                                               text_guidance=text, image_guidance=image)
         for text in recipe.sampler_text_guidance
         for image in recipe.sampler_image_guidance
     }
-    methods = {f"text {t:g} image {i:g}": pipeline_method(pipe, seed=recipe.seed, progress=False, **options)
-               for (t, i), options in grid.items()}
-    result = evaluate_methods(cases, methods, baselines=False, keep_examples=0, progress=progress)
-    scores = {name: float(np.mean([e["mean"] for e in result.aggregates if e["method"] == name and e["metric"] == "psnr"]))
-              for name in methods}
-    best = max(scores, key=scores.get)
-    chosen = next(options for (t, i), options in grid.items() if f"text {t:g} image {i:g}" == best)
+    guidance_scores = mean_psnr(grid)
+    best = grid[max(guidance_scores, key=guidance_scores.get)]
+    fewer = mean_psnr({str(n): {**best, "num_inference_steps": n} for n in set(recipe.sampler_step_counts) - {most}})
+    by_steps = {**{int(n): psnr for n, psnr in fewer.items()}, most: max(guidance_scores.values())}
+    chosen = {**best, "num_inference_steps": fewest_steps_within(by_steps, recipe.sampler_step_tolerance_db)}
     config_file = model / RDTF_CONFIG_NAME
     config = json.loads(config_file.read_text(encoding="utf-8"))
     write_atomic(config_file, json.dumps({**config, "sampler": chosen}, indent=2).encode("utf-8"))
-    sweep = {"split": "val", "clips": len(items), "tasks": ["it2v", "interpolation"], "mean_psnr_db": scores,
+    sweep = {"split": "val", "clips": len(items), "tasks": ["it2v", "interpolation"],
+             "mean_psnr_db": guidance_scores, "mean_psnr_db_by_steps": {str(n): v for n, v in sorted(by_steps.items())},
              "chosen": chosen}
     write_atomic(model / TRAINING_DIR / "sampler_sweep.json", json.dumps(sweep, indent=2).encode("utf-8"))
     return chosen
+
+
+def fewest_steps_within(psnr_by_steps: dict[int, float], tolerance_db: float) -> int:
+    """The smallest step count whose PSNR is within ``tolerance_db`` of the best count's."""
+    good_enough = max(psnr_by_steps.values()) - tolerance_db
+    return min(steps for steps, psnr in psnr_by_steps.items() if psnr >= good_enough)
 
 
 def _copy_training_record(recipe: TinyRecipe, record: Path, base_run: Path, vae_run: Path) -> None:

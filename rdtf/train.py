@@ -374,7 +374,7 @@ def train(config: TrainConfig) -> Path:
     curriculum = TaskCurriculum(config.curriculum, tasks=tuple(config.tasks), total_steps=config.max_steps,
                                 seed=config.seed, text_dropout=config.text_dropout)
     noise_scheduler = components.scheduler
-    mask_channel = has_mask_channel(unet)
+    mask_channel, fill = has_mask_channel(unet), components.config.condition_fill
 
     # ---- resume
     step = 0
@@ -466,7 +466,7 @@ def train(config: TrainConfig) -> Path:
                     noisy,
                     timesteps,
                     fps=fps,
-                    image_latents=conditioning_latents(latents, cond_mask, mask_channel),
+                    image_latents=conditioning_latents(latents, cond_mask, mask_channel, fill),
                     image_embeddings=image_embeds,
                     encoder_hidden_states=text,
                     return_dict=False,
@@ -630,7 +630,8 @@ class _Validation:
             text = self.inputs["text_en"] if task != "i2v" else self.empty.expand_as(self.inputs["text_en"])
             image = self.inputs["frame_embeds"][:, 0:1] * (mask[:, :1] > 0).view(-1, 1, 1)
             with self.accelerator.autocast():
-                prediction = unet(noisy, timesteps, fps=fps, image_latents=conditioning_latents(latents, mask, has_mask_channel(unet)),
+                image_latents = conditioning_latents(latents, mask, has_mask_channel(unet), self.components.config.condition_fill)
+                prediction = unet(noisy, timesteps, fps=fps, image_latents=image_latents,
                                   image_embeddings=image, encoder_hidden_states=text, return_dict=False)[0]
             per_frame, weights = generated_frame_errors(prediction, target, loss_mask, mask)
             results[f"val_{task}"] = round(((per_frame * weights).sum() / weights.sum().clamp(min=1)).item(), 6)

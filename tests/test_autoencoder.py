@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from built_in import built_in_dataset
 from diffusers import AutoencoderKL
 
 from rdtf.autoencoder import (
@@ -16,16 +17,14 @@ from rdtf.autoencoder import (
     reconstruction_psnr,
     train_autoencoder,
 )
-from rdtf.data import StickerDataset, prepare_dataset
+from rdtf.data import StickerDataset
 from rdtf.models import build_tiny_vae
-from rdtf.synthetic import build_sticker_set
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("vae")
-    build_sticker_set(root / "stickers", count=24, size=32, seed=5, progress=False)
-    prepare_dataset(root / "stickers", root / "data", num_frames=8, size=32, progress=False)
+    built_in_dataset(root, count=24, size=32, seed=5)
     return root / "data"
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from built_in import built_in_dataset
 
 from rdtf.bars import (
     BarSettings,
@@ -16,12 +17,12 @@ from rdtf.bars import (
     text_control_bars,
     write_quality_bars,
 )
-from rdtf.data import StickerDataset, prepare_dataset
+from rdtf.data import StickerDataset
 from rdtf.evaluate import frames_from_item
 from rdtf.io import composite_over
 from rdtf.lora import attach_lora, save_lora
 from rdtf.models import build_tiny_components
-from rdtf.synthetic import MOTIONS, build_sticker_set
+from rdtf.synthetic import MOTIONS
 
 TOY_SETTINGS = dict(split="", clips=3, num_inference_steps=2, text_control_images=2, text_control_motions=2, lora_clips=2,
                     step_counts=[1, 2], step_reference=2, step_clips=2)
@@ -30,8 +31,7 @@ TOY_SETTINGS = dict(split="", clips=3, num_inference_steps=2, text_control_image
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bars")
-    build_sticker_set(root / "stickers", count=80, size=32, seed=3, progress=False)
-    prepare_dataset(root / "stickers", root / "data", num_frames=8, size=32, progress=False)
+    built_in_dataset(root, count=80, size=32, seed=3)
     return root / "data"
 
 

@@ -138,3 +138,24 @@ def test_train_vae_writes_a_loadable_vae(prepared, tmp_path, capsys):
                  "--steps", "3", "--batch-size", "4", "--quiet"]) == 0
     assert (out / "vae" / "diffusion_pytorch_model.safetensors").is_file()
     assert "VAE written" in capsys.readouterr().out
+
+
+def test_help_and_light_commands_start_without_torch():
+    """`rdtf --help` lists every command without importing torch; `rdtf train --help` still shows config flags."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, contextlib, io\n"
+        "from rdtf.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    try:\n"
+        "        main(sys.argv[1:])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('torch' in sys.modules, 'build-tiny' in out.getvalue(), '--max-steps' in out.getvalue())\n"
+    )
+    def run(*args: str) -> str:
+        return subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, check=True).stdout
+    assert run("--help").split() == ["False", "True", "False"]
+    assert run("train", "--help").split()[::2] == ["True", "True"]

@@ -12,12 +12,12 @@ import json
 from pathlib import Path
 
 import pytest
+from built_in import built_in_dataset
 
 from rdtf.bars import BarSettings, task_bars
-from rdtf.data import StickerDataset, prepare_dataset
+from rdtf.data import StickerDataset
 from rdtf.notebooks import kit_root
 from rdtf.pipeline import RDTFPipeline
-from rdtf.synthetic import build_sticker_set
 
 REDUCED_CLIPS = 3
 #: (bar, smallest measured value accepted here). rdtf-tiny v0 meets only the i2v bars (see its
@@ -35,8 +35,7 @@ LORA = kit_root() / "assets" / "rdtf-tiny-lora-spin"
 @pytest.fixture(scope="module")
 def bars(tmp_path_factory) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("embedded")
-    build_sticker_set(root / "stickers", count=150, size=64, seed=11, progress=False)
-    prepare_dataset(root / "stickers", root / "data", num_frames=8, size=64, progress=False)
+    built_in_dataset(root, count=150, size=64, seed=11)
     held_out = StickerDataset(root / "data", split="test", predicate=lambda row: row["motion"] != "spin")
     pipe = RDTFPipeline.from_pretrained(MODEL)
     settings = BarSettings(clips=REDUCED_CLIPS, **pipe.sampler_settings)

@@ -8,12 +8,11 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
+from built_in import built_in_dataset
 
-from rdtf.data import prepare_dataset
 from rdtf.gallery import GALLERY_FILE, MARKER_END, MARKER_START, build_gallery
 from rdtf.io import read_clip
 from rdtf.models import build_tiny_components
-from rdtf.synthetic import build_sticker_set
 
 BEFORE = f"# Kit\n\nIntro with ünïcode and a | pipe.\r\n\n## Gallery\n\n{MARKER_START}\nold gallery\n"
 AFTER = f"{MARKER_END}\n\n## Later section\n\nkept as is\n"
@@ -23,8 +22,7 @@ FAST = {"count": 2, "num_inference_steps": 2, "progress": False}
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("gallery-inputs")
-    build_sticker_set(root / "stickers", count=24, size=32, seed=1, progress=False)
-    prepare_dataset(root / "stickers", root / "data", num_frames=8, size=32, progress=False)
+    built_in_dataset(root, count=24, size=32, seed=1)
     build_tiny_components(seed=0).save_pretrained(root / "model")
     return root / "model", root / "data"
 

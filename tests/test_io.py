@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gif_fixtures import ApngFrame, GifFrame, build_apng, build_gif, gif_structure
 from PIL import Image
 
-from gif_fixtures import ApngFrame, GifFrame, build_apng, build_gif, gif_structure
 from rdtf.io import (
     DEFAULT_DURATION_MS,
     MIN_WRITE_DURATION_MS,

@@ -22,9 +22,9 @@ from pathlib import Path
 import nbformat
 import pytest
 import torch
+from built_in import built_in_dataset
 from papermill.exceptions import PapermillExecutionError
 
-from rdtf.data import prepare_dataset
 from rdtf.lora import attach_lora, save_lora
 from rdtf.models import build_tiny_components
 from rdtf.notebooks import (
@@ -36,7 +36,6 @@ from rdtf.notebooks import (
     run_all,
     run_notebook,
 )
-from rdtf.synthetic import build_sticker_set
 
 CELL_TIMEOUT_S = 240
 SIZE = 16
@@ -48,8 +47,7 @@ def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("notebooks")
     components = build_tiny_components(seed=0, sample_size=SIZE, image_size=SIZE)
     components.save_pretrained(root / "model")
-    build_sticker_set(root / "stickers", count=24, size=SIZE, seed=0, progress=False)
-    prepare_dataset(root / "stickers", root / "data", num_frames=8, size=SIZE, progress=False)
+    built_in_dataset(root, count=24, size=SIZE, seed=0)
     attach_lora(components.unet, rank=2)
     with torch.no_grad():
         for name, parameter in components.unet.named_parameters():

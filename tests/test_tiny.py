@@ -10,12 +10,12 @@ import pytest
 
 from rdtf.lora import load_lora
 from rdtf.pipeline import RDTFPipeline
-from rdtf.tiny import RECIPE_NAME, TRAINING_DIR, TinyRecipe, build_tiny_model
+from rdtf.tiny import RECIPE_NAME, TRAINING_DIR, TinyRecipe, build_tiny_model, fewest_steps_within
 from rdtf.train import CARD_NAME, LOG_NAME
 
 TOY = dict(count=40, size=32, vae_channels=[8, 16], latent_channels=6, vae_steps=3, vae_batch_size=4, unet_channels=[8, 16],
            text_width=8, unet_steps=3, batch_size=2, lora_steps=2, lora_rank=2, validate_every=3,
-           sampler_steps=2, sampler_text_guidance=[1.0, 3.0], sampler_image_guidance=[1.0], sampler_clips=2)
+           sampler_step_counts=[1, 2], sampler_step_tolerance_db=100.0, sampler_text_guidance=[1.0, 3.0], sampler_image_guidance=[1.0], sampler_clips=2)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,8 @@ def test_the_recipe_ships_a_model_with_its_record_and_a_lora(built):
     sweep = json.loads((record / "sampler_sweep.json").read_text())
     assert set(sweep["mean_psnr_db"]) == {"text 1 image 1", "text 3 image 1"}
     recommended = RDTFPipeline.from_pretrained(model).sampler_settings
-    assert recommended == sweep["chosen"] and recommended["num_inference_steps"] == 2
+    assert set(sweep["mean_psnr_db_by_steps"]) == {"1", "2"}
+    assert recommended == sweep["chosen"] and recommended["num_inference_steps"] == 1  # any count is within 100 dB
     card = json.loads((lora / CARD_NAME).read_text())
     assert card["config"]["only_motions"] == ["spin"] and card["base"] == str(model)
     assert not list(model.parent.glob(".tmp-*")), "no staging folder may be left behind"
@@ -60,3 +61,10 @@ def test_a_rerun_skips_finished_stages_and_another_recipe_is_refused(built):
     assert (model / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match=r"other \['seed'\]"):
         build_tiny_model(TinyRecipe(**{**TOY, "seed": 1}), root / "work", root / "assets" / "toy", progress=False)
+
+
+def test_the_recommended_step_count_is_the_fewest_within_the_tolerance():
+    curve = {6: 20.0, 8: 20.55, 10: 20.62, 15: 20.6}
+    assert fewest_steps_within(curve, 0.1) == 8
+    assert fewest_steps_within(curve, 0.0) == 10
+    assert fewest_steps_within(curve, 1.0) == 6

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from built_in import built_in_dataset
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from safetensors.torch import load_file
 
@@ -20,7 +21,6 @@ from rdtf.data import prepare_dataset
 from rdtf.lora import load_lora
 from rdtf.models import build_tiny_components, load_components
 from rdtf.pipeline import RDTFPipeline
-from rdtf.synthetic import build_sticker_set
 from rdtf.train import (
     CARD_NAME,
     CHECKPOINT_DIR,
@@ -39,8 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def workspace(tmp_path_factory) -> Path:
     """A tiny model folder and a prepared 24-sticker set at 32 px, shared by the tests here."""
     root = tmp_path_factory.mktemp("train")
-    build_sticker_set(root / "stickers", count=24, size=32, seed=3, progress=False)
-    prepare_dataset(root / "stickers", root / "data", num_frames=8, size=32, progress=False)
+    built_in_dataset(root, count=24, size=32, seed=3)
     build_tiny_components(seed=0, sample_size=8, image_size=16).save_pretrained(root / "model")
     return root
 

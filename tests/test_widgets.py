@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from built_in import built_in_dataset
 from PIL import Image
 
-from rdtf.data import StickerDataset, prepare_dataset
+from rdtf.data import StickerDataset
 from rdtf.evaluate import cases_from_items, evaluate_methods
 from rdtf.io import Clip, write_clip
 from rdtf.lora import adapter_names, attach_lora, lora_scales, save_lora
 from rdtf.models import build_tiny_components
 from rdtf.pipeline import RDTFPipeline, fit_frames
-from rdtf.synthetic import build_sticker_set
 from rdtf.widgets import (
     EXPORT_FORMATS,
     SampleRequest,
@@ -56,8 +56,7 @@ def tiny_components():
 def workspace(tmp_path_factory) -> Path:
     """A prepared 24-sticker set at 16 px and a LoRA file with random (non-zero) weights."""
     root = tmp_path_factory.mktemp("widgets")
-    build_sticker_set(root / "stickers", count=24, size=SIZE, seed=0, progress=False)
-    prepare_dataset(root / "stickers", root / "data", num_frames=8, size=SIZE, progress=False)
+    built_in_dataset(root, count=24, size=SIZE, seed=0)
     unet = tiny_components().unet
     attach_lora(unet, rank=2)
     generator = torch.Generator().manual_seed(1)
