@@ -56,7 +56,9 @@ TEXT_PROJECTION_DIR = "text_projection"
 TEXT_ENCODER_KINDS = ("clip", "chinese_clip", "byte_clip")
 #: The first convs of the two image-latent branches; with a mask channel they read 5 channels.
 #: Sampler settings of the I2VGen-XL release, used where a model's config names none.
-SAMPLER_DEFAULTS: dict[str, Any] = {"num_inference_steps": 25, "scheduler": "ddim", "text_guidance": 9.0, "image_guidance": 9.0}
+SAMPLER_DEFAULTS: dict[str, Any] = {
+    "num_inference_steps": 25, "scheduler": "ddim", "text_guidance": 9.0, "image_guidance": 9.0, "strength": 1.0,
+}
 MASK_CHANNEL_MODULES = ("image_latents_proj_in.0", "image_latents_context_embedding.0")
 DEFAULT_HUB_ID = "ali-vilab/i2vgen-xl"
 _HUB_FILE_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]

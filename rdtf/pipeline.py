@@ -156,6 +156,7 @@ class _Request:
     text_guidance: float
     image_guidance: float
     scheduler: str
+    strength: float
     seed: int
     decode_chunk_size: int | None
 
@@ -279,6 +280,7 @@ class RDTFPipeline:
         text_guidance: float | None = None,
         image_guidance: float | None = None,
         scheduler: str | None = None,
+        strength: float | None = None,
         seed: int = 0,
         decode_chunk_size: int | None = 8,
         background: Sequence[int] = DEFAULT_BACKGROUND,
@@ -293,9 +295,12 @@ class RDTFPipeline:
         default of ``task`` (:func:`rdtf.masks.condition_mask`); with neither, the task is
         inferred: image + prompt -> it2v, image -> i2v, nothing -> t2v. Tasks that do not
         read text (i2v) ignore ``prompt``. RGBA inputs are flattened onto ``background``.
-        With ``keep_given`` the given frames are copied into the output unchanged. Sampler
-        settings left at None (steps, guidance scales, scheduler) take the model's recommended
-        ones (:attr:`sampler_settings`).
+        With ``keep_given`` the given frames are copied into the output unchanged.
+        ``strength`` is where sampling starts: 1.0 from pure noise (stock); below 1 from the
+        given frames' latents interpolated in time (:mod:`rdtf.conditioning`) noised to that
+        fraction of the schedule, skipping the first steps (SDEdit); t2v always starts from
+        noise. Sampler settings left at None (steps, guidance scales, scheduler, strength)
+        take the model's recommended ones (:attr:`sampler_settings`).
         """
         request = self._validate(
             image=image,
@@ -312,6 +317,7 @@ class RDTFPipeline:
             text_guidance=text_guidance,
             image_guidance=image_guidance,
             scheduler=scheduler,
+            strength=strength,
             seed=seed,
             decode_chunk_size=decode_chunk_size,
             background=background,
@@ -383,6 +389,7 @@ class RDTFPipeline:
         text_guidance: float | None,
         image_guidance: float | None,
         scheduler: str | None,
+        strength: float | None,
         seed: int,
         decode_chunk_size: int | None,
         background: Sequence[int],
@@ -392,6 +399,7 @@ class RDTFPipeline:
         text_guidance = recommended["text_guidance"] if text_guidance is None else text_guidance
         image_guidance = recommended["image_guidance"] if image_guidance is None else image_guidance
         scheduler = recommended["scheduler"] if scheduler is None else scheduler
+        strength = recommended["strength"] if strength is None else float(strength)
         if task is not None and task not in TASKS:
             raise ValueError(f"task={task!r}: expected one of {', '.join(TASKS)}")
         if scheduler not in SCHEDULERS:
@@ -428,6 +436,8 @@ class RDTFPipeline:
         if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= train_steps:
             raise ValueError(f"num_inference_steps={num_inference_steps}: must be an integer in [1, {train_steps}]")
         text_guidance = _check_scale(text_guidance, "text_guidance")
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength={strength}: must be in (0, 1] (1 = start from pure noise)")
         image_guidance = _check_scale(image_guidance, "image_guidance")
         if not isinstance(seed, int):
             raise ValueError(f"seed={seed!r}: must be an integer")
@@ -471,6 +481,7 @@ class RDTFPipeline:
             text_guidance=text_guidance,
             image_guidance=image_guidance,
             scheduler=scheduler,
+            strength=strength,
             seed=seed,
             decode_chunk_size=decode_chunk_size,
         )
@@ -521,8 +532,8 @@ class RDTFPipeline:
                 self._latent_cache.put(keys[i], latent.to(self.device))
         return [self._latent_cache.get(key) for key in keys]
 
-    def _image_latents(self, request: _Request, latent_size: tuple[int, int]) -> torch.Tensor:
-        """``(1, C [+1], F, h, w)``: the given frames' latents where they sit (see :mod:`rdtf.conditioning`)."""
+    def _given_latents(self, request: _Request, latent_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(1, C, F, h, w)`` latents with the given frames' where they sit (zeros elsewhere) and the ``(1, F)`` mask."""
         channels = self.components.unet.config.in_channels
         latents = torch.zeros(1, channels, request.num_frames, *latent_size, device=self.device)
         mask = torch.zeros(1, request.num_frames, device=self.device)
@@ -530,7 +541,7 @@ class RDTFPipeline:
         for position, latent in zip(positions, self._frame_latents([request.given[p] for p in positions])):
             latents[0, :, position] = latent.float()
             mask[0, position] = 1.0
-        return conditioning_latents(latents, mask, has_mask_channel(self.components.unet), self.components.config.condition_fill)
+        return latents, mask
 
     def _guidance_branches(self, request: _Request) -> tuple[list[tuple[str, bool]], Callable[..., torch.Tensor]]:
         """The (text, with_image) conditions to evaluate and how to combine their predictions."""
@@ -570,18 +581,29 @@ class RDTFPipeline:
         text_batch = torch.stack([texts[text] for text, _ in branches]).to(dtype)
         image_batch = torch.stack([image_embedding if with_image else zero_embedding for _, with_image in branches])
         image_batch = image_batch.to(dtype)
-        image_latents = self._image_latents(request, latent_size).to(dtype).expand(count, -1, -1, -1, -1)
+        given_latents, mask = self._given_latents(request, latent_size)
+        image_latents = conditioning_latents(given_latents, mask, has_mask_channel(unet), components.config.condition_fill)
+        image_latents = image_latents.to(dtype).expand(count, -1, -1, -1, -1)
         fps = torch.full((count,), request.fps, device=self.device)
 
         scheduler = make_scheduler(request.scheduler, components.scheduler.config)
         scheduler.set_timesteps(request.steps, device=self.device)
-        shape = (1, unet.config.in_channels, request.num_frames, *latent_size)
-        latents = initial_noise(shape, request.seed).to(self.device) * scheduler.init_noise_sigma
+        timesteps = scheduler.timesteps
+        noise = initial_noise(given_latents.shape, request.seed).to(self.device)
+        if request.strength < 1 and request.given:
+            skipped = min(request.steps - round(request.steps * request.strength), request.steps - 1) * scheduler.order
+            timesteps = timesteps[skipped:]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(skipped)
+            start = conditioning_latents(given_latents, mask, mask_channel=False, fill="interpolate")
+            latents = scheduler.add_noise(start, noise, timesteps[:1])
+        else:
+            latents = noise * scheduler.init_noise_sigma
         step_kwargs = {}
         if "generator" in inspect.signature(scheduler.step).parameters:  # stochastic steps draw from the seed too
             step_kwargs["generator"] = torch.Generator("cpu").manual_seed(request.seed)
         with self._running(unet):
-            for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
+            for t in tqdm(timesteps, desc="sampling", disable=not progress, leave=False):
                 model_input = scheduler.scale_model_input(latents.expand(count, -1, -1, -1, -1), t)
                 prediction = unet(
                     model_input.to(dtype),

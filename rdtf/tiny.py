@@ -79,13 +79,15 @@ class TinyRecipe:
     lora_rank: int = 8
     lora_learning_rate: float = 1e-3
     validate_every: int = 400
-    # recommended sampler settings: the guidance pair with the best val-split PSNR (it2v + interpolation)
-    # at the most steps, then the fewest steps within sampler_step_tolerance_db of the best count
+    # recommended sampler settings, chosen on val clips (it2v + interpolation PSNR) one after another:
+    # the guidance pair (from pure noise, most steps), then the start strength (see RDTFPipeline.generate),
+    # then the fewest steps within sampler_step_tolerance_db of the best step count
     sampler_scheduler: str = "dpm++"
-    sampler_step_counts: list[int] = field(default_factory=lambda: [6, 8, 10, 15])
-    sampler_step_tolerance_db: float = 0.1
     sampler_text_guidance: list[float] = field(default_factory=lambda: [1.0, 2.5, 4.0])
     sampler_image_guidance: list[float] = field(default_factory=lambda: [1.0, 2.0])
+    sampler_strengths: list[float] = field(default_factory=lambda: [1.0, 0.8, 0.6])
+    sampler_step_counts: list[int] = field(default_factory=lambda: [6, 8, 10, 15])
+    sampler_step_tolerance_db: float = 0.1
     sampler_clips: int = 6
 
     def to_dict(self) -> dict:
@@ -206,9 +208,9 @@ def build_tiny_model(
 def recommend_sampler(model: Path, data: Path, recipe: TinyRecipe, progress: bool = True) -> dict[str, Any]:
     """Choose the model's sampler settings on val clips; save them in its config and the sweep beside it.
 
-    First the guidance grid at the most steps, then, at the best pair, the fewest steps whose
-    PSNR is within ``recipe.sampler_step_tolerance_db`` of the best step count's: the default
-    sampling cost is what a user pays on every call.
+    One setting after another (see :class:`TinyRecipe`): guidance, start strength, then the
+    fewest steps that cost nothing in PSNR, since the default step count is what a user pays
+    on every call.
     """
     dataset = StickerDataset(data, split="val", predicate=lambda row: row["motion"] != recipe.holdout_motion)
     items = [dataset[i] for i in range(min(recipe.sampler_clips, len(dataset)))]
@@ -216,8 +218,6 @@ def recommend_sampler(model: Path, data: Path, recipe: TinyRecipe, progress: boo
     pipe = RDTFPipeline.from_pretrained(model)
 
     def mean_psnr(candidates: dict[str, dict[str, Any]]) -> dict[str, float]:
-        if not candidates:
-            return {}
         methods = {name: pipeline_method(pipe, seed=recipe.seed, progress=False, **options)
                    for name, options in candidates.items()}
         result = evaluate_methods(cases, methods, baselines=False, keep_examples=0, progress=progress)
@@ -227,21 +227,24 @@ def recommend_sampler(model: Path, data: Path, recipe: TinyRecipe, progress: boo
     most = max(recipe.sampler_step_counts)
     grid = {
         f"text {text:g} image {image:g}": dict(scheduler=recipe.sampler_scheduler, num_inference_steps=most,
-                                               text_guidance=text, image_guidance=image)
+                                               text_guidance=text, image_guidance=image, strength=1.0)
         for text in recipe.sampler_text_guidance
         for image in recipe.sampler_image_guidance
     }
-    guidance_scores = mean_psnr(grid)
-    best = grid[max(guidance_scores, key=guidance_scores.get)]
-    fewer = mean_psnr({str(n): {**best, "num_inference_steps": n} for n in set(recipe.sampler_step_counts) - {most}})
-    by_steps = {**{int(n): psnr for n, psnr in fewer.items()}, most: max(guidance_scores.values())}
-    chosen = {**best, "num_inference_steps": fewest_steps_within(by_steps, recipe.sampler_step_tolerance_db)}
+    by_guidance = mean_psnr(grid)
+    chosen = grid[max(by_guidance, key=by_guidance.get)]
+    by_strength = mean_psnr({str(value): {**chosen, "strength": value} for value in recipe.sampler_strengths})
+    chosen = {**chosen, "strength": float(max(by_strength, key=by_strength.get))}
+    by_steps = {int(n): psnr for n, psnr in mean_psnr(
+        {str(n): {**chosen, "num_inference_steps": n} for n in recipe.sampler_step_counts}).items()}
+    chosen = {**chosen, "num_inference_steps": fewest_steps_within(by_steps, recipe.sampler_step_tolerance_db)}
+
     config_file = model / RDTF_CONFIG_NAME
     config = json.loads(config_file.read_text(encoding="utf-8"))
     write_atomic(config_file, json.dumps({**config, "sampler": chosen}, indent=2).encode("utf-8"))
-    sweep = {"split": "val", "clips": len(items), "tasks": ["it2v", "interpolation"],
-             "mean_psnr_db": guidance_scores, "mean_psnr_db_by_steps": {str(n): v for n, v in sorted(by_steps.items())},
-             "chosen": chosen}
+    sweep = {"split": "val", "clips": len(items), "tasks": ["it2v", "interpolation"], "mean_psnr_db": by_guidance,
+             "mean_psnr_db_by_strength": by_strength,
+             "mean_psnr_db_by_steps": {str(n): v for n, v in sorted(by_steps.items())}, "chosen": chosen}
     write_atomic(model / TRAINING_DIR / "sampler_sweep.json", json.dumps(sweep, indent=2).encode("utf-8"))
     return chosen
 

@@ -50,7 +50,7 @@ def test_sample_with_an_explicit_mask_keeps_the_given_frames(tiny_model, tmp_pat
     frames[..., 3] = 255
     source = write_clip(Clip.from_fps(frames, 8), tmp_path / "in.png")
     out = tmp_path / "out.png"
-    assert main(["sample", "--base", str(tiny_model), "--image", str(source), "--mask", "10101010",
+    assert main(["sample", "--base", str(tiny_model), "--image", str(source), "--mask", "10101010", "--strength", "0.5",
                  *SAMPLER, "-o", str(out)]) == 0
     result = read_clip(out).frames
     assert np.array_equal(result[::2, ..., :3], frames[::2, ..., :3])

@@ -195,6 +195,39 @@ def test_guidance_batches_two_passes_for_equal_scales_and_three_otherwise(pipe):
     assert np.abs(separate - equal).max() > 1e-4
 
 
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm++", "euler"])
+def test_a_lower_strength_starts_from_the_given_frames_and_skips_steps(pipe, scheduler):
+    inputs: list[torch.Tensor] = []
+    handle = pipe.unet.register_forward_hook(lambda module, args, output: inputs.append(args[0][0]))
+    kwargs = dict(task="i2v", num_inference_steps=20, scheduler=scheduler, seed=0, progress=False)
+
+    def first_inputs(strength: float) -> tuple[torch.Tensor, int]:
+        """The UNet's first input for two different stickers (same seed, same noise), and the UNet calls made."""
+        starts = []
+        for image in (_frames(21)[0], _frames(22)[0]):
+            inputs.clear()
+            pipe.generate(image=image, strength=strength, **kwargs)
+            starts.append(inputs[0])
+        return starts[0] - starts[1], len(inputs)
+
+    try:
+        from_noise, calls = first_inputs(1.0)
+        assert calls == 20 and torch.count_nonzero(from_noise) == 0  # pure noise: the sticker plays no part yet
+        for strength, expected_calls in ((0.5, 10), (0.05, 1)):
+            difference, calls = first_inputs(strength)
+            assert calls == expected_calls
+            # the noise cancels; what is left is the sticker's latent, the same in every frame (the i2v fill)
+            assert difference.abs().mean() > 1e-3
+            torch.testing.assert_close(difference[:, 1:], difference[:, :1].expand_as(difference[:, 1:]))
+    finally:
+        handle.remove()
+
+
+def test_text_to_video_always_starts_from_noise(pipe):
+    kwargs = dict(task="t2v", prompt="p", seed=0, **FAST)
+    np.testing.assert_array_equal(pipe.generate(strength=0.5, **kwargs), pipe.generate(**kwargs))
+
+
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
 def test_every_scheduler_samples_for_both_prediction_types(prediction_type):
     components = build_tiny_components(sample_size=8, image_size=16, prediction_type=prediction_type)
@@ -287,6 +320,8 @@ BAD_CALLS = [
     (dict(image="IMAGE", frames="FRAMES"), "not both"),
     (dict(image="IMAGE", num_inference_steps=0), "num_inference_steps=0"),
     (dict(image="IMAGE", fps=0), "fps=0.0"),
+    (dict(image="IMAGE", strength=0), "strength=0.0"),
+    (dict(image="IMAGE", strength=1.5), "strength=1.5"),
     (dict(image="IMAGE", output_path="x.bmp"), "unknown extension"),
 ]
 

@@ -15,7 +15,7 @@ from rdtf.train import CARD_NAME, LOG_NAME
 
 TOY = dict(count=40, size=32, vae_channels=[8, 16], latent_channels=6, vae_steps=3, vae_batch_size=4, unet_channels=[8, 16],
            text_width=8, unet_steps=3, batch_size=2, lora_steps=2, lora_rank=2, validate_every=3,
-           sampler_step_counts=[1, 2], sampler_step_tolerance_db=100.0, sampler_text_guidance=[1.0, 3.0], sampler_image_guidance=[1.0], sampler_clips=2)
+           sampler_strengths=[1.0, 0.5], sampler_step_counts=[1, 2], sampler_step_tolerance_db=100.0, sampler_text_guidance=[1.0, 3.0], sampler_image_guidance=[1.0], sampler_clips=2)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,8 @@ def test_the_recipe_ships_a_model_with_its_record_and_a_lora(built):
     sweep = json.loads((record / "sampler_sweep.json").read_text())
     assert set(sweep["mean_psnr_db"]) == {"text 1 image 1", "text 3 image 1"}
     recommended = RDTFPipeline.from_pretrained(model).sampler_settings
-    assert set(sweep["mean_psnr_db_by_steps"]) == {"1", "2"}
+    assert set(sweep["mean_psnr_db_by_steps"]) == {"1", "2"} and set(sweep["mean_psnr_db_by_strength"]) == {"1.0", "0.5"}
+    assert sweep["chosen"]["strength"] == float(max(sweep["mean_psnr_db_by_strength"], key=sweep["mean_psnr_db_by_strength"].get))
     assert recommended == sweep["chosen"] and recommended["num_inference_steps"] == 1  # any count is within 100 dB
     card = json.loads((lora / CARD_NAME).read_text())
     assert card["config"]["only_motions"] == ["spin"] and card["base"] == str(model)
