@@ -56,6 +56,7 @@ class BarSettings:
     scheduler: str | None = None
     text_guidance: float | None = None
     image_guidance: float | None = None
+    strength: float | None = None
     text_control_images: int = 12
     text_control_motions: int = 4
     lora_clips: int = 24  # per side: held-out-motion clips and other clips
@@ -67,7 +68,7 @@ class BarSettings:
     def sampler(self, **overrides: Any) -> dict[str, Any]:
         options = dict(
             num_inference_steps=self.num_inference_steps, scheduler=self.scheduler, text_guidance=self.text_guidance,
-            image_guidance=self.image_guidance, seed=self.seed, progress=False,
+            image_guidance=self.image_guidance, strength=self.strength, seed=self.seed, progress=False,
         )
         return {**options, **overrides}
 
@@ -304,7 +305,7 @@ def write_quality_bars(results: dict[str, Any], out_dir: str | os.PathLike) -> P
         f"Model `{results['model']}`" + (f" + LoRA `{results['lora']}`" if results["lora"] else "")
         + f", data `{results['data']}` split `{results['settings']['split']}`; sampler "
         + ", ".join(f"{k}={results['settings'][k]}" for k in ("scheduler", "num_inference_steps", "text_guidance",
-                                                               "image_guidance", "seed")) + ".",
+                                                               "image_guidance", "strength", "seed")) + ".",
         "",
         "| bar | measured | target | met | detail |",
         "| --- | ---: | --- | :---: | --- |",
