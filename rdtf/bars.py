@@ -57,6 +57,7 @@ class BarSettings:
     text_guidance: float | None = None
     image_guidance: float | None = None
     strength: float | None = None
+    decode: str | None = None
     text_control_images: int = 12
     text_control_motions: int = 4
     lora_clips: int = 24  # per side: held-out-motion clips and other clips
@@ -68,7 +69,8 @@ class BarSettings:
     def sampler(self, **overrides: Any) -> dict[str, Any]:
         options = dict(
             num_inference_steps=self.num_inference_steps, scheduler=self.scheduler, text_guidance=self.text_guidance,
-            image_guidance=self.image_guidance, strength=self.strength, seed=self.seed, progress=False,
+            image_guidance=self.image_guidance, strength=self.strength, decode=self.decode,
+            seed=self.seed, progress=False,
         )
         return {**options, **overrides}
 
@@ -305,7 +307,7 @@ def write_quality_bars(results: dict[str, Any], out_dir: str | os.PathLike) -> P
         f"Model `{results['model']}`" + (f" + LoRA `{results['lora']}`" if results["lora"] else "")
         + f", data `{results['data']}` split `{results['settings']['split']}`; sampler "
         + ", ".join(f"{k}={results['settings'][k]}" for k in ("scheduler", "num_inference_steps", "text_guidance",
-                                                               "image_guidance", "strength", "seed")) + ".",
+                                                               "image_guidance", "strength", "decode", "seed")) + ".",
         "",
         "| bar | measured | target | met | detail |",
         "| --- | ---: | --- | :---: | --- |",

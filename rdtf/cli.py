@@ -74,7 +74,7 @@ def _sampler_options(args: argparse.Namespace) -> dict:
     return dict(
         prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
         text_guidance=args.text_guidance, image_guidance=args.image_guidance, scheduler=args.scheduler,
-        strength=args.strength, seed=args.seed, progress=not args.quiet,
+        strength=args.strength, decode=args.decode, seed=args.seed, progress=not args.quiet,
     )
 
 
@@ -199,6 +199,9 @@ def _add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", choices=["ddim", "dpm++", "euler"], help="default: the model's recommended one")
     parser.add_argument("--strength", type=float,
                         help="1 = start from pure noise; lower = from the given frames, partly noised "
+                             "(default: the model's recommended settings)")
+    parser.add_argument("--decode", choices=["direct", "residual"],
+                        help="residual: decode only the model's change on top of the given frames "
                              "(default: the model's recommended settings)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")

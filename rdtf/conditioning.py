@@ -20,6 +20,15 @@ import torch
 CONDITION_FILLS: tuple[str, ...] = ("position", "interpolate")
 
 
+def interpolate_given(values: torch.Tensor, condition_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, C, F, h, w)`` values at the given frames of a ``(B, F)`` mask → every frame filled as ``interpolate`` does.
+
+    Latents or pixels alike; clips with nothing given come back as zeros.
+    """
+    given = condition_mask.to(values.device) > 0.5
+    return _interpolate_given(values, given, torch.zeros_like(values))
+
+
 def conditioning_latents(
     latents: torch.Tensor, condition_mask: torch.Tensor, mask_channel: bool, fill: str = "position"
 ) -> torch.Tensor:

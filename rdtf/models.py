@@ -58,6 +58,7 @@ TEXT_ENCODER_KINDS = ("clip", "chinese_clip", "byte_clip")
 #: Sampler settings of the I2VGen-XL release, used where a model's config names none.
 SAMPLER_DEFAULTS: dict[str, Any] = {
     "num_inference_steps": 25, "scheduler": "ddim", "text_guidance": 9.0, "image_guidance": 9.0, "strength": 1.0,
+    "decode": "direct",
 }
 MASK_CHANNEL_MODULES = ("image_latents_proj_in.0", "image_latents_context_embedding.0")
 DEFAULT_HUB_ID = "ali-vilab/i2vgen-xl"

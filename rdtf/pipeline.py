@@ -41,7 +41,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from rdtf.conditioning import conditioning_latents
+from rdtf.conditioning import conditioning_latents, interpolate_given
 from rdtf.io import SUFFIX_FORMATS, Clip, composite_over, write_clip
 from rdtf.masks import TASK_USES_TEXT, TASKS, condition_mask as task_condition_mask, mask_from_string
 from rdtf.models import (
@@ -56,6 +56,7 @@ from rdtf.models import (
 )
 
 SCHEDULERS: tuple[str, ...] = ("ddim", "dpm++", "euler")
+DECODES: tuple[str, ...] = ("direct", "residual")
 MAX_FRAMES = 64
 INTERPOLATION_FACTORS = (2, 3, 4)
 DEFAULT_BACKGROUND = (255, 255, 255)
@@ -157,6 +158,7 @@ class _Request:
     image_guidance: float
     scheduler: str
     strength: float
+    decode: str
     seed: int
     decode_chunk_size: int | None
 
@@ -281,6 +283,7 @@ class RDTFPipeline:
         image_guidance: float | None = None,
         scheduler: str | None = None,
         strength: float | None = None,
+        decode: str | None = None,
         seed: int = 0,
         decode_chunk_size: int | None = 8,
         background: Sequence[int] = DEFAULT_BACKGROUND,
@@ -299,8 +302,11 @@ class RDTFPipeline:
         ``strength`` is where sampling starts: 1.0 from pure noise (stock); below 1 from the
         given frames' latents interpolated in time (:mod:`rdtf.conditioning`) noised to that
         fraction of the schedule, skipping the first steps (SDEdit); t2v always starts from
-        noise. Sampler settings left at None (steps, guidance scales, scheduler, strength)
-        take the model's recommended ones (:attr:`sampler_settings`).
+        noise. ``decode="residual"`` decodes only what the model changed: the given frames
+        interpolated in pixel space plus ``D(z) - D(z_fill)``, so a small VAE's blur falls on
+        the motion, not on the whole frame; ``"direct"`` decodes ``D(z)`` (stock). Sampler
+        settings left at None (steps, guidance scales, scheduler, strength, decode) take the
+        model's recommended ones (:attr:`sampler_settings`).
         """
         request = self._validate(
             image=image,
@@ -318,12 +324,13 @@ class RDTFPipeline:
             image_guidance=image_guidance,
             scheduler=scheduler,
             strength=strength,
+            decode=decode,
             seed=seed,
             decode_chunk_size=decode_chunk_size,
             background=background,
         )
         latents = self._denoise(request, progress)
-        video = self._decode(latents, request.decode_chunk_size)
+        video = self._decode(latents, request)
         if keep_given:
             for position, frame in request.given.items():
                 video[position] = frame.astype(np.float32) / 255.0
@@ -390,6 +397,7 @@ class RDTFPipeline:
         image_guidance: float | None,
         scheduler: str | None,
         strength: float | None,
+        decode: str | None,
         seed: int,
         decode_chunk_size: int | None,
         background: Sequence[int],
@@ -400,10 +408,13 @@ class RDTFPipeline:
         image_guidance = recommended["image_guidance"] if image_guidance is None else image_guidance
         scheduler = recommended["scheduler"] if scheduler is None else scheduler
         strength = recommended["strength"] if strength is None else float(strength)
+        decode = recommended["decode"] if decode is None else decode
         if task is not None and task not in TASKS:
             raise ValueError(f"task={task!r}: expected one of {', '.join(TASKS)}")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler={scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
+        if decode not in DECODES:
+            raise ValueError(f"decode={decode!r}: expected one of {', '.join(DECODES)}")
         if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
             raise ValueError("prompt and negative_prompt must be strings")
         if image is not None and frames is not None:
@@ -482,6 +493,7 @@ class RDTFPipeline:
             image_guidance=image_guidance,
             scheduler=scheduler,
             strength=strength,
+            decode=decode,
             seed=seed,
             decode_chunk_size=decode_chunk_size,
         )
@@ -595,8 +607,7 @@ class RDTFPipeline:
             timesteps = timesteps[skipped:]
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(skipped)
-            start = conditioning_latents(given_latents, mask, mask_channel=False, fill="interpolate")
-            latents = scheduler.add_noise(start, noise, timesteps[:1])
+            latents = scheduler.add_noise(interpolate_given(given_latents, mask), noise, timesteps[:1])
         else:
             latents = noise * scheduler.init_noise_sigma
         step_kwargs = {}
@@ -618,8 +629,22 @@ class RDTFPipeline:
                 latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
         return latents
 
-    def _decode(self, latents: torch.Tensor, chunk_size: int | None) -> np.ndarray:
-        frames = latents[0].permute(1, 0, 2, 3)  # (F, 4, h, w)
-        with self._running(self.components.vae):
-            pixels = decode_latents(self.components.vae, frames, chunk_size)
+    def _decode(self, latents: torch.Tensor, request: _Request) -> np.ndarray:
+        vae, chunk_size = self.components.vae, request.decode_chunk_size
+
+        def decoded(clip_latents: torch.Tensor) -> torch.Tensor:
+            return decode_latents(vae, clip_latents[0].permute(1, 0, 2, 3), chunk_size)  # (F, 3, H, W)
+
+        with self._running(vae):
+            pixels = decoded(latents)
+            if request.decode == "residual" and request.given:
+                given_latents, mask = self._given_latents(request, tuple(latents.shape[-2:]))
+                pixels = pixels - decoded(interpolate_given(given_latents, mask)) + self._given_pixel_fill(request, mask)
         return (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+
+    def _given_pixel_fill(self, request: _Request, mask: torch.Tensor) -> torch.Tensor:
+        """``(F, 3, H, W)`` pixels in [-1, 1]: the given frames interpolated in time like the latent fill."""
+        pixels = torch.zeros(1, 3, request.num_frames, request.height, request.width, device=self.device)
+        for position, frame in request.given.items():
+            pixels[0, :, position] = frames_to_pixels(frame[None])[0].to(self.device)
+        return interpolate_given(pixels, mask)[0].permute(1, 0, 2, 3)

@@ -41,6 +41,7 @@ from rdtf.synthetic import build_sticker_set
 from rdtf.train import CARD_NAME, LOG_NAME, MODEL_DIR, TrainConfig, train
 
 RECIPE_NAME = "rdtf_recipe.json"
+SWEEP_NAME = "sampler_sweep.json"
 TRAINING_DIR = "training"  # inside the shipped model: what produced it
 
 
@@ -80,18 +81,24 @@ class TinyRecipe:
     lora_learning_rate: float = 1e-3
     validate_every: int = 400
     # recommended sampler settings, chosen on val clips (it2v + interpolation PSNR) one after another:
-    # the guidance pair (from pure noise, most steps), then the start strength (see RDTFPipeline.generate),
-    # then the fewest steps within sampler_step_tolerance_db of the best step count
+    # the guidance pair (from pure noise, most steps), then the start strength and decode together (see
+    # RDTFPipeline.generate), then the fewest steps within sampler_step_tolerance_db of the best step count.
+    # Changing only these in a finished work folder reruns the sweep alone.
     sampler_scheduler: str = "dpm++"
     sampler_text_guidance: list[float] = field(default_factory=lambda: [1.0, 2.5, 4.0])
     sampler_image_guidance: list[float] = field(default_factory=lambda: [1.0, 2.0])
-    sampler_strengths: list[float] = field(default_factory=lambda: [1.0, 0.8, 0.6])
+    sampler_strengths: list[float] = field(default_factory=lambda: [1.0, 0.8, 0.6, 0.4, 0.2])
+    sampler_decodes: list[str] = field(default_factory=lambda: ["direct", "residual"])
     sampler_step_counts: list[int] = field(default_factory=lambda: [6, 8, 10, 15])
     sampler_step_tolerance_db: float = 0.1
     sampler_clips: int = 6
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def sweep_settings(self) -> dict:
+        """The fields that only steer the sampler sweep, not any trained weights."""
+        return {name: value for name, value in self.to_dict().items() if name.startswith("sampler_")}
 
 
 def _copy_into_place(source: Path, target: Path) -> Path:
@@ -135,7 +142,8 @@ def build_tiny_model(
     recorded = work / RECIPE_NAME
     if recorded.exists():
         before = json.loads(recorded.read_text(encoding="utf-8"))
-        changed = sorted(k for k, v in recipe.to_dict().items() if k in before and before[k] != v)
+        changed = sorted(k for k, v in recipe.to_dict().items()
+                         if k in before and before[k] != v and k not in recipe.sweep_settings())
         if changed:
             raise ValueError(f"{recorded}: this work folder was started with other {changed}; use a new --work-dir")
     write_atomic(recorded, json.dumps(recipe.to_dict(), indent=2).encode("utf-8"))
@@ -184,8 +192,10 @@ def build_tiny_model(
         _copy_into_place(staged, model_out)
         shutil.rmtree(staged)
 
-    if not json.loads((model_out / RDTF_CONFIG_NAME).read_text(encoding="utf-8")).get("sampler"):
+    sweep_file = model_out / TRAINING_DIR / SWEEP_NAME
+    if not sweep_file.exists() or json.loads(sweep_file.read_text(encoding="utf-8")).get("recipe") != recipe.sweep_settings():
         recommend_sampler(model_out, data, recipe, progress)
+        write_atomic(model_out / TRAINING_DIR / RECIPE_NAME, json.dumps(recipe.to_dict(), indent=2).encode("utf-8"))
 
     lora_run = work / f"lora-{recipe.holdout_motion}"
     if not (lora_run / CARD_NAME).exists():
@@ -208,9 +218,9 @@ def build_tiny_model(
 def recommend_sampler(model: Path, data: Path, recipe: TinyRecipe, progress: bool = True) -> dict[str, Any]:
     """Choose the model's sampler settings on val clips; save them in its config and the sweep beside it.
 
-    One setting after another (see :class:`TinyRecipe`): guidance, start strength, then the
-    fewest steps that cost nothing in PSNR, since the default step count is what a user pays
-    on every call.
+    One setting after another (see :class:`TinyRecipe`): guidance, start strength with
+    decode, then the fewest steps that cost nothing in PSNR, since the default step count is
+    what a user pays on every call.
     """
     dataset = StickerDataset(data, split="val", predicate=lambda row: row["motion"] != recipe.holdout_motion)
     items = [dataset[i] for i in range(min(recipe.sampler_clips, len(dataset)))]
@@ -218,6 +228,8 @@ def recommend_sampler(model: Path, data: Path, recipe: TinyRecipe, progress: boo
     pipe = RDTFPipeline.from_pretrained(model)
 
     def mean_psnr(candidates: dict[str, dict[str, Any]]) -> dict[str, float]:
+        if not candidates:
+            return {}
         methods = {name: pipeline_method(pipe, seed=recipe.seed, progress=False, **options)
                    for name, options in candidates.items()}
         result = evaluate_methods(cases, methods, baselines=False, keep_examples=0, progress=progress)
@@ -233,19 +245,25 @@ def recommend_sampler(model: Path, data: Path, recipe: TinyRecipe, progress: boo
     }
     by_guidance = mean_psnr(grid)
     chosen = grid[max(by_guidance, key=by_guidance.get)]
-    by_strength = mean_psnr({str(value): {**chosen, "strength": value} for value in recipe.sampler_strengths})
-    chosen = {**chosen, "strength": float(max(by_strength, key=by_strength.get))}
-    by_steps = {int(n): psnr for n, psnr in mean_psnr(
-        {str(n): {**chosen, "num_inference_steps": n} for n in recipe.sampler_step_counts}).items()}
+    starts = {
+        f"{strength} {decode}": {**chosen, "strength": float(strength), "decode": decode}
+        for strength in recipe.sampler_strengths
+        for decode in recipe.sampler_decodes
+    }
+    by_start = mean_psnr(starts)
+    best_start = max(by_start, key=by_start.get)
+    chosen = starts[best_start]
+    fewer = {str(n): {**chosen, "num_inference_steps": n} for n in recipe.sampler_step_counts if n != most}
+    by_steps = {most: by_start[best_start], **{int(n): psnr for n, psnr in mean_psnr(fewer).items()}}
     chosen = {**chosen, "num_inference_steps": fewest_steps_within(by_steps, recipe.sampler_step_tolerance_db)}
 
     config_file = model / RDTF_CONFIG_NAME
     config = json.loads(config_file.read_text(encoding="utf-8"))
     write_atomic(config_file, json.dumps({**config, "sampler": chosen}, indent=2).encode("utf-8"))
-    sweep = {"split": "val", "clips": len(items), "tasks": ["it2v", "interpolation"], "mean_psnr_db": by_guidance,
-             "mean_psnr_db_by_strength": by_strength,
+    sweep = {"split": "val", "clips": len(items), "tasks": ["it2v", "interpolation"], "recipe": recipe.sweep_settings(),
+             "mean_psnr_db": by_guidance, "mean_psnr_db_by_strength_and_decode": by_start,
              "mean_psnr_db_by_steps": {str(n): v for n, v in sorted(by_steps.items())}, "chosen": chosen}
-    write_atomic(model / TRAINING_DIR / "sampler_sweep.json", json.dumps(sweep, indent=2).encode("utf-8"))
+    write_atomic(model / TRAINING_DIR / SWEEP_NAME, json.dumps(sweep, indent=2).encode("utf-8"))
     return chosen
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rdtf.conditioning import conditioning_latents
+from rdtf.conditioning import conditioning_latents, interpolate_given
 from rdtf.masks import condition_mask
 from rdtf.models import RDTFConfig, build_tiny_components, load_components
 from rdtf.pipeline import RDTFPipeline
@@ -65,6 +65,15 @@ def test_interpolate_fill_with_nothing_given_falls_back_to_the_position_plane():
     filled = conditioning_latents(_ramp_latents(), mask, mask_channel=True, fill="interpolate")
     stock = conditioning_latents(_ramp_latents(), mask, mask_channel=True)
     assert torch.equal(filled, stock)
+
+
+def test_interpolate_given_fills_pixels_like_latents_and_nothing_given_with_zeros():
+    pixels = _ramp_latents(batch=2, channels=3)
+    mask = torch.stack([condition_mask("interpolation", F), condition_mask("t2v", F)])
+    filled = interpolate_given(pixels, mask)
+    latent_fill = conditioning_latents(pixels[:1], mask[:1], mask_channel=False, fill="interpolate")
+    torch.testing.assert_close(filled[:1], latent_fill)
+    assert torch.count_nonzero(filled[1]) == 0
 
 
 def test_unknown_fill_and_fill_without_mask_channel_are_refused():

@@ -223,6 +223,28 @@ def test_a_lower_strength_starts_from_the_given_frames_and_skips_steps(pipe, sch
         handle.remove()
 
 
+@pytest.mark.parametrize("task", ["i2v", "interpolation"])
+def test_residual_decode_adds_only_the_models_change_to_the_given_frames_pixel_fill(pipe, task):
+    """residual - direct = pixel fill - D(latent fill): set by the given frames alone, whatever the seed sampled."""
+    frames = _frames(23)
+    source = dict(image=frames[0]) if task == "i2v" else dict(frames=frames)
+    kwargs = dict(task=task, keep_given=False, **source, **FAST)
+    differences, unclamped = [], []
+    for seed in (0, 1):
+        direct = pipe.generate(decode="direct", seed=seed, **kwargs)
+        residual = pipe.generate(decode="residual", seed=seed, **kwargs)
+        differences.append(residual - direct)
+        unclamped.append((direct > 0) & (direct < 1) & (residual > 0) & (residual < 1))
+    both = unclamped[0] & unclamped[1]
+    assert both.mean() > 0.5 and np.abs(differences[0][both]).mean() > 1e-3
+    np.testing.assert_allclose(differences[0][both], differences[1][both], atol=1e-4)
+
+
+def test_residual_decode_is_direct_decode_without_given_frames(pipe):
+    kwargs = dict(task="t2v", prompt="p", seed=0, **FAST)
+    np.testing.assert_array_equal(pipe.generate(decode="residual", **kwargs), pipe.generate(decode="direct", **kwargs))
+
+
 def test_text_to_video_always_starts_from_noise(pipe):
     kwargs = dict(task="t2v", prompt="p", seed=0, **FAST)
     np.testing.assert_array_equal(pipe.generate(strength=0.5, **kwargs), pipe.generate(**kwargs))
@@ -322,6 +344,7 @@ BAD_CALLS = [
     (dict(image="IMAGE", fps=0), "fps=0.0"),
     (dict(image="IMAGE", strength=0), "strength=0.0"),
     (dict(image="IMAGE", strength=1.5), "strength=1.5"),
+    (dict(image="IMAGE", decode="pixels"), "decode='pixels'"),
     (dict(image="IMAGE", output_path="x.bmp"), "unknown extension"),
 ]
 

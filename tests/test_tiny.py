@@ -10,12 +10,12 @@ import pytest
 
 from rdtf.lora import load_lora
 from rdtf.pipeline import RDTFPipeline
-from rdtf.tiny import RECIPE_NAME, TRAINING_DIR, TinyRecipe, build_tiny_model, fewest_steps_within
+from rdtf.tiny import RECIPE_NAME, SWEEP_NAME, TRAINING_DIR, TinyRecipe, build_tiny_model, fewest_steps_within
 from rdtf.train import CARD_NAME, LOG_NAME
 
 TOY = dict(count=40, size=32, vae_channels=[8, 16], latent_channels=6, vae_steps=3, vae_batch_size=4, unet_channels=[8, 16],
            text_width=8, unet_steps=3, batch_size=2, lora_steps=2, lora_rank=2, validate_every=3,
-           sampler_strengths=[1.0, 0.5], sampler_step_counts=[1, 2], sampler_step_tolerance_db=100.0, sampler_text_guidance=[1.0, 3.0], sampler_image_guidance=[1.0], sampler_clips=2)
+           sampler_strengths=[1.0, 0.5], sampler_decodes=["direct", "residual"], sampler_step_counts=[1, 2], sampler_step_tolerance_db=100.0, sampler_text_guidance=[1.0, 3.0], sampler_image_guidance=[1.0], sampler_clips=2)
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +32,15 @@ def test_the_recipe_ships_a_model_with_its_record_and_a_lora(built):
     assert json.loads((record / RECIPE_NAME).read_text())["unet_steps"] == 3
     assert json.loads((record / CARD_NAME).read_text())["steps"] == 3
     assert (record / LOG_NAME).exists() and (record / "autoencoder_metrics.json").exists()
-    sweep = json.loads((record / "sampler_sweep.json").read_text())
+    sweep = json.loads((record / SWEEP_NAME).read_text())
     assert set(sweep["mean_psnr_db"]) == {"text 1 image 1", "text 3 image 1"}
     recommended = RDTFPipeline.from_pretrained(model).sampler_settings
-    assert set(sweep["mean_psnr_db_by_steps"]) == {"1", "2"} and set(sweep["mean_psnr_db_by_strength"]) == {"1.0", "0.5"}
-    assert sweep["chosen"]["strength"] == float(max(sweep["mean_psnr_db_by_strength"], key=sweep["mean_psnr_db_by_strength"].get))
+    by_start = sweep["mean_psnr_db_by_strength_and_decode"]
+    assert set(by_start) == {"1.0 direct", "1.0 residual", "0.5 direct", "0.5 residual"}
+    assert set(sweep["mean_psnr_db_by_steps"]) == {"1", "2"}
+    assert sweep["mean_psnr_db_by_steps"]["2"] == max(by_start.values())  # the most steps were scored once, reused
+    best_strength, best_decode = max(by_start, key=by_start.get).split()
+    assert (sweep["chosen"]["strength"], sweep["chosen"]["decode"]) == (float(best_strength), best_decode)
     assert recommended == sweep["chosen"] and recommended["num_inference_steps"] == 1  # any count is within 100 dB
     card = json.loads((lora / CARD_NAME).read_text())
     assert card["config"]["only_motions"] == ["spin"] and card["base"] == str(model)
@@ -57,11 +61,26 @@ def test_the_shipped_model_samples_and_its_lora_changes_the_output(built):
 
 def test_a_rerun_skips_finished_stages_and_another_recipe_is_refused(built):
     root, model, _ = built
-    stamp = (model / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    stamp, sweep_stamp = weights.stat().st_mtime_ns, (model / TRAINING_DIR / SWEEP_NAME).stat().st_mtime_ns
     build_tiny_model(TinyRecipe(**TOY), root / "work", root / "assets" / "toy", progress=False)
-    assert (model / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
+    assert weights.stat().st_mtime_ns == stamp and (model / TRAINING_DIR / SWEEP_NAME).stat().st_mtime_ns == sweep_stamp
     with pytest.raises(ValueError, match=r"other \['seed'\]"):
         build_tiny_model(TinyRecipe(**{**TOY, "seed": 1}), root / "work", root / "assets" / "toy", progress=False)
+
+
+def test_new_sweep_settings_rerun_only_the_sweep(built):
+    root, model, _ = built
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    resweep = {**TOY, "sampler_strengths": [0.5], "sampler_decodes": ["residual"]}
+    build_tiny_model(TinyRecipe(**resweep), root / "work", root / "assets" / "toy", progress=False)
+    assert weights.stat().st_mtime_ns == stamp
+    sweep = json.loads((model / TRAINING_DIR / SWEEP_NAME).read_text())
+    assert set(sweep["mean_psnr_db_by_strength_and_decode"]) == {"0.5 residual"}
+    assert json.loads((model / TRAINING_DIR / RECIPE_NAME).read_text())["sampler_decodes"] == ["residual"]
+    recommended = RDTFPipeline.from_pretrained(model).sampler_settings
+    assert (recommended["strength"], recommended["decode"]) == (0.5, "residual")
 
 
 def test_the_recommended_step_count_is_the_fewest_within_the_tolerance():
