@@ -38,7 +38,7 @@ from rdtf.export import export_sticker
 from rdtf.io import SUFFIX_FORMATS, Clip, StickerFileError, read_clip, write_clip
 from rdtf.lora import LORA_WEIGHT_NAME, adapter_names, load_lora, set_lora_scale
 from rdtf.masks import TASK_USES_TEXT, TASKS, condition_mask
-from rdtf.pipeline import INTERPOLATION_FACTORS, MAX_FRAMES, SCHEDULERS, RDTFPipeline, fit_frames
+from rdtf.pipeline import DECODES, INTERPOLATION_FACTORS, MAX_FRAMES, SCHEDULERS, RDTFPipeline, fit_frames
 from rdtf.strips import compose_strip
 
 #: Uploads larger than this are refused before decoding.
@@ -93,6 +93,8 @@ class SampleRequest:
     text_guidance: float | None = None
     image_guidance: float | None = None
     scheduler: str | None = None
+    strength: float | None = None
+    decode: str | None = None
     seed: int = 0
     lora: str | None = None
     lora_scale: float = 1.0
@@ -123,6 +125,10 @@ class SampleRequest:
                 )
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler={self.scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
+        if self.strength is not None and not 0 < float(self.strength) <= 1:
+            raise ValueError(f"strength={self.strength}: must be in (0, 1] (1 = start from pure noise)")
+        if self.decode is not None and self.decode not in DECODES:
+            raise ValueError(f"decode={self.decode!r}: expected one of {', '.join(DECODES)}")
         if not math.isfinite(float(self.lora_scale)):
             raise ValueError(f"lora_scale={self.lora_scale}: must be finite")
         if self.lora is not None:
@@ -179,6 +185,8 @@ def generate_sticker(pipeline: RDTFPipeline, request: SampleRequest, *, progress
         text_guidance=request.text_guidance,
         image_guidance=request.image_guidance,
         scheduler=request.scheduler,
+        strength=request.strength,
+        decode=request.decode,
         seed=request.seed,
         progress=progress,
     )
@@ -370,6 +378,9 @@ class StickerStudio:
         self.timing = w.HTML()
         self.seed = w.IntText(value=0, description="Seed")
         self.scheduler = w.Dropdown(options=list(SCHEDULERS), value=recommended["scheduler"], description="Scheduler")
+        self.strength = w.FloatSlider(value=recommended["strength"], min=0.05, max=1.0, step=0.05,
+                                      description="Start strength", **slider)
+        self.decode = w.Dropdown(options=list(DECODES), value=recommended["decode"], description="Decode")
         lora_options = [("(none)", None), *[(str(path), str(path)) for path in loras]]
         self.lora = w.Dropdown(options=lora_options, value=None, description="LoRA")
         self.lora_scale = w.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.05, description="LoRA scale", **slider)
@@ -400,6 +411,7 @@ class StickerStudio:
                 w.HBox([self.num_frames, self.fps]),
                 self.timing,
                 w.HBox([self.steps, self.scheduler, self.seed]),
+                w.HBox([self.strength, self.decode]),
                 w.HBox([self.lora, self.lora_scale]),
                 self.generate_button,
                 self.status,
@@ -432,6 +444,8 @@ class StickerStudio:
             text_guidance=self.text_guidance.value,
             image_guidance=self.image_guidance.value,
             scheduler=self.scheduler.value,
+            strength=self.strength.value,
+            decode=self.decode.value,
             seed=self.seed.value,
             lora=self.lora.value,
             lora_scale=self.lora_scale.value,

@@ -176,6 +176,8 @@ def test_same_request_same_clip_and_the_seed_changes_it(pipe):
         (dict(task="predict_forward", source="still", num_frames=8), "has only 1"),
         (dict(task="t2v", prompt="hi", num_frames=1), "num_frames=1"),
         (dict(task="t2v", prompt="hi", scheduler="plms"), "scheduler='plms'"),
+        (dict(task="t2v", prompt="hi", strength=0.0), "strength=0.0"),
+        (dict(task="t2v", prompt="hi", decode="raw"), "decode='raw'"),
         (dict(task="t2v", prompt="hi", lora="/nowhere/lora"), "no LoRA file"),
     ],
 )
@@ -245,13 +247,29 @@ def test_controls_cover_the_sampler_and_sliders_update_only_on_release(studio):
     ]
     sliders = [
         studio.text_guidance, studio.image_guidance, studio.num_frames, studio.steps, studio.fps, studio.lora_scale,
+        studio.strength,
     ]
     assert all(slider.continuous_update is False for slider in sliders)
     assert list(studio.scheduler.options) == ["ddim", "dpm++", "euler"]
+    assert list(studio.decode.options) == ["direct", "residual"]
     assert studio.upload.value == ()
     assert studio.factor.layout.display == "none"
     studio.task.value = "interpolation"
     assert studio.factor.layout.display is None
+
+
+def test_sampler_controls_start_at_the_models_settings_and_steer_generation(studio, pipe):
+    recommended = pipe.sampler_settings
+    assert (studio.strength.value, studio.decode.value) == (recommended["strength"], recommended["decode"])
+    studio.sample.value = 0
+    studio.task.value = "i2v"
+    from_noise = studio.on_generate()
+    studio.strength.value, studio.decode.value = 0.5, "residual"
+    request = studio.request()
+    assert (request.strength, request.decode) == (0.5, "residual")
+    from_the_sticker = studio.on_generate()
+    assert studio.last_error is None
+    assert not np.array_equal(from_noise.frames, from_the_sticker.frames)
 
 
 def test_picking_a_sample_fills_the_prompt_and_generate_shows_result_beside_ground_truth(studio, dataset):
