@@ -2,7 +2,8 @@
 
 Times the whole call (text and image encoding, denoising, decoding) for i2v, it2v and 2x
 interpolation, first cold (empty embedding caches) and then warm (another seed: only the
-UNet and the decoder run), with 1 and 2 torch threads, and writes a Markdown table to
+UNet and the decoder run), with 1 and 2 torch threads, at the recommended settings and
+from pure noise (strength 1: every step runs), and writes a Markdown table to
 ``benchmarks/results/tiny_sampling.md``.
 
     .venv/bin/python benchmarks/bench_tiny_sampling.py --repeats 5
@@ -34,7 +35,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "tiny_sampling.md"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(ROOT / "assets" / "rdtf-tiny"))
-    parser.add_argument("--data", default=str(ROOT / "runs" / "rdtf-tiny" / "data"), help="a prepared built-in set")
+    parser.add_argument("--data", default=str(ROOT / "runs" / "rdtf-tiny" / "data"),
+                        help="a prepared built-in set (the one `rdtf build-tiny` prepares)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
@@ -42,10 +44,14 @@ def main() -> None:
     pipe = RDTFPipeline.from_pretrained(args.model)
     item = StickerDataset(args.data, split="test")[0]
     clip = composite_over(frames_from_item(item), (255, 255, 255))
-    requests = {
+    tasks = {
         "i2v": dict(image=clip[0], task="i2v"),
         "it2v": dict(image=clip[0], task="it2v", prompt=item["caption_en"]),
         "interpolation 2x": dict(frames=clip, task="interpolation"),
+    }
+    requests = {
+        **tasks,
+        **{f"{name}, strength 1": dict(request, strength=1.0) for name, request in tasks.items()},
     }
     rows = []
     for threads in args.threads:

@@ -179,13 +179,23 @@ def text_control_bars(pipe: RDTFPipeline, dataset: StickerDataset, settings: Bar
     """Same image, different motion captions: is each clip nearest its own caption's ground truth?"""
     rng = np.random.default_rng(settings.seed)
     size, frames = int(dataset.settings["size"]), dataset.num_frames
-    eligible = [i for i, row in enumerate(dataset.rows) if int(row.get("num_real", frames)) == frames]
+
+    def other_motions(row: dict[str, Any]) -> list[str]:
+        """Motions this sticker could also show at its speed and frame rate (the held-out one excepted)."""
+        return [m for m in MOTION_KINDS if m not in (row["motion"], settings.holdout_motion)
+                and is_learnable(m, row["speed"], frames, float(row["fps"]))]
+
+    # whole clips with enough other motions to caption the same image differently
+    eligible = [i for i, row in enumerate(dataset.rows) if int(row.get("num_real", frames)) == frames
+                and len(other_motions(row)) >= settings.text_control_motions - 1]
+    if not eligible:
+        raise ValueError(f"text control: no whole clip in the split can take {settings.text_control_motions - 1} "
+                         "other motions at its speed; lower text_control_motions")
     chosen = [eligible[i] for i in _pick(settings.text_control_images, len(eligible), settings.seed)]
     plans = []
     for index in chosen:
         row = dataset.rows[index]
-        others = [m for m in MOTION_KINDS if m not in (row["motion"], settings.holdout_motion)
-                  and is_learnable(m, row["speed"], frames, float(row["fps"]))]
+        others = other_motions(row)
         picked = [row["motion"], *rng.choice(others, settings.text_control_motions - 1, replace=False).tolist()]
         plans.append((row, motion_variants(row, picked, size, frames)))
     bars = []

@@ -22,7 +22,7 @@ from rdtf.evaluate import frames_from_item
 from rdtf.io import composite_over
 from rdtf.lora import attach_lora, save_lora
 from rdtf.models import build_tiny_components
-from rdtf.synthetic import MOTIONS
+from rdtf.synthetic import MOTION_KINDS, MOTIONS
 
 TOY_SETTINGS = dict(split="", clips=3, num_inference_steps=2, text_control_images=2, text_control_motions=2, lora_clips=2,
                     step_counts=[1, 2], step_reference=2, step_clips=2)
@@ -71,6 +71,13 @@ def test_text_control_scores_an_oracle_perfect_and_a_text_blind_model_at_most_ch
     assert all(bar["measured"] == 1.0 for bar in text_control_bars(_Oracle(dataset, True), dataset, settings, False))
     blind = text_control_bars(_Oracle(dataset, False), dataset, settings, False)
     assert all(bar["measured"] <= 0.5 and not bar["passed"] for bar in blind)
+
+
+def test_text_control_uses_only_clips_that_can_take_every_other_motion(data):
+    dataset = StickerDataset(data, split="test", predicate=lambda r: r["motion"] != "spin")
+    too_many = BarSettings(text_control_images=3, text_control_motions=len(MOTION_KINDS) + 1)
+    with pytest.raises(ValueError, match="lower text_control_motions"):
+        text_control_bars(_Oracle(dataset, True), dataset, too_many, False)
 
 
 def test_a_whole_run_on_a_toy_model_scores_every_bar_and_writes_its_table(data, tmp_path):
