@@ -176,8 +176,8 @@ def cmd_gallery(args: argparse.Namespace) -> None:
     markdown = build_gallery(
         args.base, args.data, args.out, readme=readme, split=args.split, count=args.count, seed=args.seed,
         exclude_motions=args.exclude_motions, num_inference_steps=args.steps, scheduler=args.scheduler,
-        text_guidance=args.text_guidance, image_guidance=args.image_guidance, device=args.device,
-        progress=not args.quiet,
+        text_guidance=args.text_guidance, image_guidance=args.image_guidance, strength=args.strength,
+        decode=args.decode, device=args.device, progress=not args.quiet,
     )
     print(f"gallery written to {markdown}" + (f"; {readme} updated between its gallery markers" if readme else ""))
 
@@ -367,6 +367,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     gallery.add_argument("--scheduler", choices=["ddim", "dpm++", "euler"], help="default: the model's recommended one")
     gallery.add_argument("--text-guidance", type=float, help="default: the model's recommended settings")
     gallery.add_argument("--image-guidance", type=float, help="default: the model's recommended settings")
+    gallery.add_argument("--strength", type=float, help="default: the model's recommended settings")
+    gallery.add_argument("--decode", choices=["direct", "residual"], help="default: the model's recommended one")
     gallery.add_argument("--device", default="cpu")
     gallery.add_argument("--quiet", action="store_true", help="no progress bar")
     gallery.set_defaults(func=cmd_gallery)

@@ -113,6 +113,8 @@ def test_a_readme_without_markers_is_refused_before_any_generation(inputs, tmp_p
         ({"data": "missing-data"}, FileNotFoundError, "missing-data"),
         ({"model": "missing-model"}, ValueError, "missing-model"),
         ({"scheduler": "fast"}, ValueError, "scheduler='fast'"),
+        ({"strength": 0.0}, ValueError, "strength=0.0"),
+        ({"decode": "raw"}, ValueError, "decode='raw'"),
     ],
 )
 def test_bad_inputs_are_named_before_any_generation(inputs, tmp_path, change, error, message):
