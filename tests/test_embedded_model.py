@@ -20,13 +20,15 @@ from rdtf.notebooks import kit_root
 from rdtf.pipeline import RDTFPipeline
 
 REDUCED_CLIPS = 3
-#: (bar, smallest measured value accepted here). rdtf-tiny v0 meets only the i2v bars (see its
-#: quality_bars.md); the others are regression guards a little below what it measures now
-#: (it2v -0.9 dB and interpolation -3.0 dB against their baselines on 6 clips).
+#: (bar, smallest measured value accepted here). rdtf-tiny v1 meets the i2v sharpness and
+#: given-frame bars (see its quality_bars.md); at its recommended strength 0.2 it stays within
+#: 0.1 dB of the baselines, so the others are regression guards a little below that (measured
+#: here on 3 clips: it2v +0.05, interpolation 2x -0.11, prediction forward -0.09 dB).
 REDUCED_BARS: list[tuple[str, float]] = [
-    ("i2v sharpness (gradient energy / ground truth's, median clip)", 0.6),
-    ("it2v PSNR vs the static sticker", -3.0),
-    ("interpolation 2x vs cross-fade", -6.0),
+    ("i2v sharpness (gradient energy / ground truth's, median clip)", 0.8),
+    ("it2v PSNR vs the static sticker", -0.5),
+    ("interpolation 2x vs cross-fade", -0.5),
+    ("predict forward vs repeating the nearest frame", -0.5),
 ]
 MODEL = kit_root() / "assets" / "rdtf-tiny"
 LORA = kit_root() / "assets" / "rdtf-tiny-lora-spin"
