@@ -29,7 +29,7 @@ class DemoSizes:
     sweep_steps: tuple[int, ...]
 
 
-FULL = DemoSizes(stickers=600, lora_steps=60, compare_clips=6, sweep_clips=2, sweep_steps=(5, 10, 15, 25))
+FULL = DemoSizes(stickers=600, lora_steps=60, compare_clips=16, sweep_clips=4, sweep_steps=(5, 10, 15, 25))
 SMOKE = DemoSizes(stickers=40, lora_steps=2, compare_clips=2, sweep_clips=1, sweep_steps=(1, 2))
 
 
