@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import html
 import io
-import math
 import os
 import shlex
 from collections import Counter
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 from rdtf.data import StickerDataset
 from rdtf.evaluate import frames_from_item
 from rdtf.io import Clip, write_atomic, write_clip
-from rdtf.pipeline import DECODES, SCHEDULERS, RDTFPipeline
+from rdtf.pipeline import RDTFPipeline, check_sampler_settings
 
 MARKER_START = "<!-- gallery:start -->"
 MARKER_END = "<!-- gallery:end -->"
@@ -155,15 +154,8 @@ def _check_settings(
         raise ValueError(f"count={count!r}: must be an integer >= 1")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
         raise ValueError(f"num_inference_steps={steps!r}: must be an integer >= 1")
-    if scheduler is not None and scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler={scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
-    for name, value in (("text_guidance", text_guidance), ("image_guidance", image_guidance)):
-        if value is not None and (not math.isfinite(value) or value < 0):
-            raise ValueError(f"{name}={value}: must be a finite number >= 0")
-    if strength is not None and not 0 < strength <= 1:
-        raise ValueError(f"strength={strength}: must be in (0, 1] (1 = start from pure noise)")
-    if decode is not None and decode not in DECODES:
-        raise ValueError(f"decode={decode!r}: expected one of {', '.join(DECODES)}")
+    check_sampler_settings(scheduler=scheduler, text_guidance=text_guidance, image_guidance=image_guidance,
+                           strength=strength, decode=decode)
 
 
 def _split_at_markers(path: Path) -> tuple[str, str]:

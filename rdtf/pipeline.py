@@ -175,6 +175,29 @@ def _as_uint8_image(value: Any, name: str) -> np.ndarray:
     return value
 
 
+def check_sampler_settings(
+    *,
+    scheduler: str | None = None,
+    text_guidance: float | None = None,
+    image_guidance: float | None = None,
+    strength: float | None = None,
+    decode: str | None = None,
+) -> None:
+    """Raise ValueError naming any bad sampler setting; None stands for the model's own (checked when it loads).
+
+    Needs no model, so callers (gallery, studio) fail before loading one.
+    """
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler={scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
+    for name, value in (("text_guidance", text_guidance), ("image_guidance", image_guidance)):
+        if value is not None:
+            _check_scale(value, name)
+    if strength is not None and not 0 < float(strength) <= 1:
+        raise ValueError(f"strength={float(strength)}: must be in (0, 1] (1 = start from pure noise)")
+    if decode is not None and decode not in DECODES:
+        raise ValueError(f"decode={decode!r}: expected one of {', '.join(DECODES)}")
+
+
 def _check_scale(value: float, name: str) -> float:
     value = float(value)
     if not math.isfinite(value) or value < 0:
@@ -411,10 +434,8 @@ class RDTFPipeline:
         decode = recommended["decode"] if decode is None else decode
         if task is not None and task not in TASKS:
             raise ValueError(f"task={task!r}: expected one of {', '.join(TASKS)}")
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler={scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
-        if decode not in DECODES:
-            raise ValueError(f"decode={decode!r}: expected one of {', '.join(DECODES)}")
+        check_sampler_settings(scheduler=scheduler, text_guidance=text_guidance, image_guidance=image_guidance,
+                               strength=strength, decode=decode)
         if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
             raise ValueError("prompt and negative_prompt must be strings")
         if image is not None and frames is not None:
@@ -446,10 +467,7 @@ class RDTFPipeline:
         train_steps = int(self.components.scheduler.config.num_train_timesteps)
         if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= train_steps:
             raise ValueError(f"num_inference_steps={num_inference_steps}: must be an integer in [1, {train_steps}]")
-        text_guidance = _check_scale(text_guidance, "text_guidance")
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength={strength}: must be in (0, 1] (1 = start from pure noise)")
-        image_guidance = _check_scale(image_guidance, "image_guidance")
+        text_guidance, image_guidance = float(text_guidance), float(image_guidance)
         if not isinstance(seed, int):
             raise ValueError(f"seed={seed!r}: must be an integer")
         if decode_chunk_size is not None and (not isinstance(decode_chunk_size, int) or decode_chunk_size < 1):

@@ -38,7 +38,9 @@ from rdtf.export import export_sticker
 from rdtf.io import SUFFIX_FORMATS, Clip, StickerFileError, read_clip, write_clip
 from rdtf.lora import LORA_WEIGHT_NAME, adapter_names, load_lora, set_lora_scale
 from rdtf.masks import TASK_USES_TEXT, TASKS, condition_mask
-from rdtf.pipeline import DECODES, INTERPOLATION_FACTORS, MAX_FRAMES, SCHEDULERS, RDTFPipeline, fit_frames
+from rdtf.pipeline import (
+    DECODES, INTERPOLATION_FACTORS, MAX_FRAMES, SCHEDULERS, RDTFPipeline, check_sampler_settings, fit_frames,
+)
 from rdtf.strips import compose_strip
 
 #: Uploads larger than this are refused before decoding.
@@ -123,12 +125,8 @@ class SampleRequest:
                     f"task {self.task} with num_frames={self.num_frames} gives {given} frames of the source, "
                     f"but the source has only {self.source.num_frames}"
                 )
-        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler={self.scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
-        if self.strength is not None and not 0 < float(self.strength) <= 1:
-            raise ValueError(f"strength={self.strength}: must be in (0, 1] (1 = start from pure noise)")
-        if self.decode is not None and self.decode not in DECODES:
-            raise ValueError(f"decode={self.decode!r}: expected one of {', '.join(DECODES)}")
+        check_sampler_settings(scheduler=self.scheduler, text_guidance=self.text_guidance,
+                               image_guidance=self.image_guidance, strength=self.strength, decode=self.decode)
         if not math.isfinite(float(self.lora_scale)):
             raise ValueError(f"lora_scale={self.lora_scale}: must be finite")
         if self.lora is not None:
