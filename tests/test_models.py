@@ -219,7 +219,8 @@ def test_a_model_with_more_latent_channels_samples_and_round_trips(tmp_path):
 def test_the_models_recommended_sampler_settings_apply_unless_a_call_names_its_own(tmp_path):
     components = build_tiny_components(seed=0)
     assert RDTFPipeline(components).sampler_settings == SAMPLER_DEFAULTS
-    recommended = {"num_inference_steps": 3, "scheduler": "dpm++", "text_guidance": 2.0, "image_guidance": 1.0, "strength": 0.7}
+    recommended = {"num_inference_steps": 3, "scheduler": "dpm++", "text_guidance": 2.0, "image_guidance": 1.0, "strength": 0.7,
+                   "decode": "residual"}
     components.config = dataclasses.replace(components.config, sampler=recommended)
     pipe = RDTFPipeline.from_pretrained(components.save_pretrained(tmp_path / "m"))
     assert pipe.sampler_settings == recommended
