@@ -352,8 +352,9 @@ class RDTFPipeline:
             decode_chunk_size=decode_chunk_size,
             background=background,
         )
-        latents = self._denoise(request, progress)
-        video = self._decode(latents, request)
+        given_latents, mask = self._given_latents(request)
+        latents = self._denoise(request, given_latents, mask, progress)
+        video = self._decode(latents, request, given_latents, mask)
         if keep_given:
             for position, frame in request.given.items():
                 video[position] = frame.astype(np.float32) / 255.0
@@ -562,9 +563,11 @@ class RDTFPipeline:
                 self._latent_cache.put(keys[i], latent.to(self.device))
         return [self._latent_cache.get(key) for key in keys]
 
-    def _given_latents(self, request: _Request, latent_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _given_latents(self, request: _Request) -> tuple[torch.Tensor, torch.Tensor]:
         """``(1, C, F, h, w)`` latents with the given frames' where they sit (zeros elsewhere) and the ``(1, F)`` mask."""
         channels = self.components.unet.config.in_channels
+        scale = self.components.vae_scale_factor
+        latent_size = (request.height // scale, request.width // scale)
         latents = torch.zeros(1, channels, request.num_frames, *latent_size, device=self.device)
         mask = torch.zeros(1, request.num_frames, device=self.device)
         positions = sorted(request.given)
@@ -592,11 +595,11 @@ class RDTFPipeline:
 
         return branches, combine
 
-    def _denoise(self, request: _Request, progress: bool) -> torch.Tensor:
+    def _denoise(
+        self, request: _Request, given_latents: torch.Tensor, mask: torch.Tensor, progress: bool
+    ) -> torch.Tensor:
         components = self.components
         unet = components.unet
-        scale = components.vae_scale_factor
-        latent_size = (request.height // scale, request.width // scale)
         branches, combine = self._guidance_branches(request)
         texts = self._text_embeddings([text for text, _ in branches])
         first_given = min(request.given) if request.given else None
@@ -611,7 +614,6 @@ class RDTFPipeline:
         text_batch = torch.stack([texts[text] for text, _ in branches]).to(dtype)
         image_batch = torch.stack([image_embedding if with_image else zero_embedding for _, with_image in branches])
         image_batch = image_batch.to(dtype)
-        given_latents, mask = self._given_latents(request, latent_size)
         image_latents = conditioning_latents(given_latents, mask, has_mask_channel(unet), components.config.condition_fill)
         image_latents = image_latents.to(dtype).expand(count, -1, -1, -1, -1)
         fps = torch.full((count,), request.fps, device=self.device)
@@ -647,7 +649,9 @@ class RDTFPipeline:
                 latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
         return latents
 
-    def _decode(self, latents: torch.Tensor, request: _Request) -> np.ndarray:
+    def _decode(
+        self, latents: torch.Tensor, request: _Request, given_latents: torch.Tensor, mask: torch.Tensor
+    ) -> np.ndarray:
         vae, chunk_size = self.components.vae, request.decode_chunk_size
 
         def decoded(clip_latents: torch.Tensor) -> torch.Tensor:
@@ -656,7 +660,6 @@ class RDTFPipeline:
         with self._running(vae):
             pixels = decoded(latents)
             if request.decode == "residual" and request.given:
-                given_latents, mask = self._given_latents(request, tuple(latents.shape[-2:]))
                 pixels = pixels - decoded(interpolate_given(given_latents, mask)) + self._given_pixel_fill(request, mask)
         return (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
