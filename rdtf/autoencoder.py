@@ -91,7 +91,7 @@ def reconstruction_psnr(vae: AutoencoderKL, frames: torch.Tensor, batch_size: in
     vae.eval()
     squared, count = 0.0, 0
     for start in range(0, len(frames), batch_size):
-        pixels = _pixels(frames[start : start + batch_size])
+        pixels = _pixels(frames[start : start + batch_size].to(vae.device))
         decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
         squared += (((decoded - pixels) / 2) ** 2).sum().item()
         count += pixels.numel()
@@ -102,14 +102,20 @@ def reconstruction_psnr(vae: AutoencoderKL, frames: torch.Tensor, batch_size: in
 def latent_scaling_factor(vae: AutoencoderKL, frames: torch.Tensor, batch_size: int = 64) -> float:
     """``1 / std`` of the posterior-mean latents: scaled latents then have unit variance."""
     latents = torch.cat(
-        [vae.encode(_pixels(frames[i : i + batch_size])).latent_dist.mean for i in range(0, len(frames), batch_size)]
+        [vae.encode(_pixels(frames[i : i + batch_size].to(vae.device))).latent_dist.mean
+         for i in range(0, len(frames), batch_size)]
     )
     return float(1.0 / latents.std().clamp(min=1e-6))
 
 
 def train_autoencoder(config: AutoencoderConfig) -> Path:
-    """Train, resuming from ``<output_dir>/checkpoints`` when there is one; returns ``<output_dir>/vae``."""
+    """Train, resuming from ``<output_dir>/checkpoints`` when there is one; returns ``<output_dir>/vae``.
+
+    Runs on the GPU when there is one. The random draws are made on the CPU either way, so a run
+    picks the same frames and noise on every device.
+    """
     config.check()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(config.output_dir)
     train_frames = _frames(StickerDataset(config.data, split="train"))
     try:
@@ -122,7 +128,7 @@ def train_autoencoder(config: AutoencoderConfig) -> Path:
         raise ValueError(f"{config.data}: frames are {size}px, not a multiple of the VAE's downsampling {factor}")
 
     torch.manual_seed(config.seed)
-    vae = build_tiny_vae(config.channels, sample_size=size, latent_channels=config.latent_channels).train()
+    vae = build_tiny_vae(config.channels, sample_size=size, latent_channels=config.latent_channels).to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, weight_decay=0.0)
     step = 0
     latest = ckpt.latest_checkpoint(out / "checkpoints")
@@ -138,9 +144,10 @@ def train_autoencoder(config: AutoencoderConfig) -> Path:
     progress = tqdm(total=config.steps, initial=step, desc="training the VAE", disable=not config.progress)
     while step < config.steps:
         generator = torch.Generator().manual_seed(ckpt.step_seed(config.seed, 0, step))
-        batch = _pixels(train_frames[torch.randint(len(train_frames), (config.batch_size,), generator=generator)])
+        picked = torch.randint(len(train_frames), (config.batch_size,), generator=generator)
+        batch = _pixels(train_frames[picked].to(device))
         posterior = vae.encode(batch).latent_dist
-        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
         reconstruction = vae.decode(latents).sample
         loss = (
             F.l1_loss(reconstruction, batch)
@@ -151,6 +158,8 @@ def train_autoencoder(config: AutoencoderConfig) -> Path:
             raise RuntimeError(f"VAE loss became {loss.item()} at step {step + 1}; lower learning_rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        for group in optimizer.param_groups:  # cosine decay: the last steps polish the details
+            group["lr"] = config.learning_rate * 0.5 * (1 + math.cos(math.pi * step / config.steps))
         optimizer.step()
         step += 1
         progress.update(1)

@@ -131,8 +131,11 @@ def cmd_build_tiny(args: argparse.Namespace) -> None:
     from rdtf.tiny import TinyRecipe, build_tiny_model
 
     recipe = TinyRecipe(**_dataclass_overrides(args, TinyRecipe))
-    model, lora = build_tiny_model(recipe, args.work_dir, args.out, progress=not args.quiet)
-    print(f"model in {model}, held-out-motion LoRA in {lora}")
+    model, lora = build_tiny_model(recipe, args.work_dir, args.out, progress=not args.quiet, stop_after=args.stop_after)
+    if args.stop_after:
+        print(f"stopped after the {args.stop_after} stage; the work folder is {args.work_dir}")
+    else:
+        print(f"model in {model}, held-out-motion LoRA in {lora}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -317,6 +320,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     tiny.add_argument("--work-dir", type=Path, default=Path("runs/rdtf-tiny"), help="stages and checkpoints (resumable)")
     tiny.add_argument("--out", type=Path, default=Path("assets/rdtf-tiny"), help="the shipped model folder")
     tiny.add_argument("--quiet", action="store_true", help="no progress bars")
+    tiny.add_argument("--stop-after", choices=("data", "vae", "init", "base", "lora", "sweep"),
+                      help="run the stages up to this one only (rerun without it to continue)")
     if wanted("build-tiny"):
         from rdtf.tiny import TinyRecipe
 

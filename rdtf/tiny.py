@@ -8,9 +8,9 @@ would run by hand:
 3. a randomly initialised I2VGen-XL-architecture model around that VAE (byte-level CLIP text
    tower that reads Chinese and English, toy image encoder, tiny 3-D UNet with the mask channel);
 4. ``train --mode full``: the UNet on every task, every motion but the held-out one;
-5. the recommended sampler settings: a small guidance grid scored on val clips, the best
-   saved in the model's ``rdtf_config.json`` (what every caller gets by default);
-6. ``train --mode lora``: a short LoRA on the held-out motion only (the fine-tuning demo).
+5. ``train --mode lora``: a short LoRA on the held-out motion only (the fine-tuning demo);
+6. the recommended sampler settings: a small guidance grid scored on val clips, the best
+   saved in the model's ``rdtf_config.json`` (what every caller gets by default).
 
 Each stage leaves its output in ``work_dir`` and is skipped when that output exists; the two
 training stages resume from their checkpoints, so an interrupted build continues where it
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from diffusers import AutoencoderKL
 
 from rdtf.autoencoder import METRICS_NAME, VAE_DIR, AutoencoderConfig, train_autoencoder
@@ -43,6 +44,7 @@ from rdtf.train import CARD_NAME, LOG_NAME, MODEL_DIR, TrainConfig, train
 RECIPE_NAME = "rdtf_recipe.json"
 SWEEP_NAME = "sampler_sweep.json"
 TRAINING_DIR = "training"  # inside the shipped model: what produced it
+STAGES = ("data", "vae", "init", "base", "lora", "sweep")
 
 
 @dataclass
@@ -51,15 +53,15 @@ class TinyRecipe:
 
     seed: int = 0
     # data
-    count: int = 1200
+    count: int = 1800
     size: int = 64
     num_frames: int = 8
     holdout_motion: str = "spin"
     # VAE (4x downsampling: 64 px frames, 16x16 latents)
     vae_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     latent_channels: int = 16  # 16x16x16 latents: 3x fewer numbers than pixels, detail kept
-    vae_steps: int = 1000
-    vae_batch_size: int = 16
+    vae_steps: int = 3000
+    vae_batch_size: int = 64
     vae_gradient_weight: float = 0.5
     # model
     unet_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
@@ -68,18 +70,20 @@ class TinyRecipe:
     condition_fill: str = "interpolate"
     # base training (every task, every motion but the held-out one)
     unet_steps: int = 1000
-    batch_size: int = 8
+    batch_size: int = 32
     learning_rate: float = 8e-4
     # Plain MSE: min-SNR gives v-prediction's zero-SNR (pure noise) step zero weight, so a model
     # trained with it never learns to start sampling from its conditioning (v0 used it for 600 steps).
     snr_gamma: float | None = None
     snr_gamma_steps: int | None = None
-    ema_decay: float | None = 0.995
+    ema_decay: float | None = 0.999
+    gpu_mixed_precision: str = "bf16"  # autocast for both training stages when they run on a GPU (CPU: fp32)
     # held-out-motion LoRA
     lora_steps: int = 150
     lora_rank: int = 8
     lora_learning_rate: float = 1e-3
-    validate_every: int = 400
+    validate_every: int = 2000
+    checkpoint_every: int = 500
     # recommended sampler settings, chosen on val clips (it2v + interpolation PSNR) one after another:
     # the guidance pair (from pure noise, most steps), then the start strength and decode together (see
     # RDTFPipeline.generate), then the fewest steps within sampler_step_tolerance_db of the best step count.
@@ -120,8 +124,9 @@ def _copy_into_place(source: Path, target: Path) -> Path:
 def _train_config(recipe: TinyRecipe, **values) -> TrainConfig:
     return TrainConfig(
         batch_size=recipe.batch_size,
+        mixed_precision=recipe.gpu_mixed_precision if torch.cuda.is_available() else "no",
         validate_every=recipe.validate_every,
-        checkpoint_every=100,
+        checkpoint_every=recipe.checkpoint_every,
         seed=recipe.seed,
         trackers=[],
         **values,
@@ -134,8 +139,14 @@ def build_tiny_model(
     model_out: str | os.PathLike = "assets/rdtf-tiny",
     lora_out: str | os.PathLike | None = None,
     progress: bool = True,
+    stop_after: str | None = None,
 ) -> tuple[Path, Path]:
-    """Run (or continue) every stage; returns the shipped model folder and the LoRA folder."""
+    """Run (or continue) every stage up to ``stop_after`` (one of :data:`STAGES`; default all).
+
+    Returns the shipped model folder and the LoRA folder, which exist once their stages ran.
+    """
+    if stop_after is not None and stop_after not in STAGES:
+        raise ValueError(f"stop_after={stop_after!r}: expected one of {', '.join(STAGES)}")
     work, model_out = Path(work_dir), Path(model_out)
     lora_out = Path(lora_out) if lora_out else model_out.parent / f"{model_out.name}-lora-{recipe.holdout_motion}"
     work.mkdir(parents=True, exist_ok=True)
@@ -155,6 +166,8 @@ def build_tiny_model(
     if not (data / "dataset.json").exists():
         prepare_dataset(stickers, data, num_frames=recipe.num_frames, size=recipe.size, seed=recipe.seed,
                         progress=progress)
+    if stop_after == "data":
+        return model_out, lora_out
 
     vae_run = work / "vae"
     if not (vae_run / VAE_DIR).exists():
@@ -163,6 +176,8 @@ def build_tiny_model(
             latent_channels=recipe.latent_channels, steps=recipe.vae_steps, batch_size=recipe.vae_batch_size,
             gradient_weight=recipe.vae_gradient_weight, seed=recipe.seed, progress=progress,
         ))
+    if stop_after == "vae":
+        return model_out, lora_out
 
     init = work / "init"
     if not init.exists():
@@ -174,6 +189,8 @@ def build_tiny_model(
         )
         trained_vae = AutoencoderKL.from_pretrained(vae_run / VAE_DIR, use_safetensors=True)
         dataclasses.replace(components, vae=trained_vae).save_pretrained(init)
+    if stop_after == "init":
+        return model_out, lora_out
 
     base_run = work / "base"
     if not (base_run / CARD_NAME).exists():
@@ -191,11 +208,8 @@ def build_tiny_model(
         _copy_training_record(recipe, staged / TRAINING_DIR, base_run, vae_run)
         _copy_into_place(staged, model_out)
         shutil.rmtree(staged)
-
-    sweep_file = model_out / TRAINING_DIR / SWEEP_NAME
-    if not sweep_file.exists() or json.loads(sweep_file.read_text(encoding="utf-8")).get("recipe") != recipe.sweep_settings():
-        recommend_sampler(model_out, data, recipe, progress)
-        write_atomic(model_out / TRAINING_DIR / RECIPE_NAME, json.dumps(recipe.to_dict(), indent=2).encode("utf-8"))
+    if stop_after == "base":
+        return model_out, lora_out
 
     lora_run = work / f"lora-{recipe.holdout_motion}"
     if not (lora_run / CARD_NAME).exists():
@@ -212,6 +226,13 @@ def build_tiny_model(
             shutil.copy2(lora_run / name, staged / name)
         _copy_into_place(staged, lora_out)
         shutil.rmtree(staged)
+    if stop_after == "lora":
+        return model_out, lora_out
+
+    sweep_file = model_out / TRAINING_DIR / SWEEP_NAME
+    if not sweep_file.exists() or json.loads(sweep_file.read_text(encoding="utf-8")).get("recipe") != recipe.sweep_settings():
+        recommend_sampler(model_out, data, recipe, progress)
+        write_atomic(model_out / TRAINING_DIR / RECIPE_NAME, json.dumps(recipe.to_dict(), indent=2).encode("utf-8"))
     return model_out, lora_out
 
 
@@ -225,7 +246,7 @@ def recommend_sampler(model: Path, data: Path, recipe: TinyRecipe, progress: boo
     dataset = StickerDataset(data, split="val", predicate=lambda row: row["motion"] != recipe.holdout_motion)
     items = [dataset[i] for i in range(min(recipe.sampler_clips, len(dataset)))]
     cases = cases_from_items(items, ["it2v", "interpolation"])
-    pipe = RDTFPipeline.from_pretrained(model)
+    pipe = RDTFPipeline.from_pretrained(model, device="cuda" if torch.cuda.is_available() else "cpu")
 
     def mean_psnr(candidates: dict[str, dict[str, Any]]) -> dict[str, float]:
         if not candidates:

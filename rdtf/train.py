@@ -211,16 +211,25 @@ def enable_block_checkpointing(unet: torch.nn.Module) -> None:
 
 
 class EMA:
-    """Exponential moving average of the trained parameters (the weights that get saved)."""
+    """Exponential moving average of the trained parameters (the weights that get saved).
+
+    The decay warms up as ``(1 + step) / (10 + step)`` up to ``decay``, so the random initial
+    weights fade out early instead of lingering (0.999 ** 2000 would still keep 14% of them).
+    """
 
     def __init__(self, parameters: dict[str, torch.nn.Parameter], decay: float) -> None:
         self.parameters, self.decay = parameters, decay
         self.shadow = {name: p.detach().float().clone() for name, p in parameters.items()}
 
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, step: int) -> None:
+        """Average in the weights after optimizer step number ``step`` (1 for the first)."""
+        weight = 1.0 - self.decay_at(step)
         for name, parameter in self.parameters.items():
-            self.shadow[name].lerp_(parameter.detach().float(), 1.0 - self.decay)
+            self.shadow[name].lerp_(parameter.detach().float(), weight)
 
     @torch.no_grad()
     def copy_to_model(self) -> None:
@@ -493,9 +502,9 @@ def train(config: TrainConfig) -> Path:
         optimizer.step()
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update()
         step += 1
+        if ema is not None:
+            ema.update(step)
         curriculum.update(step, mean_loss)
         progress.update(1)
         progress.set_postfix(loss=f"{mean_loss:.4f}", level=curriculum.level)

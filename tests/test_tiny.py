@@ -83,6 +83,15 @@ def test_new_sweep_settings_rerun_only_the_sweep(built):
     assert (recommended["strength"], recommended["decode"]) == (0.5, "residual")
 
 
+def test_stop_after_runs_only_the_early_stages(tmp_path):
+    with pytest.raises(ValueError, match="stop_after='vea'"):
+        build_tiny_model(TinyRecipe(**TOY), tmp_path / "work", tmp_path / "toy", progress=False, stop_after="vea")
+    assert not (tmp_path / "work").exists()
+    build_tiny_model(TinyRecipe(**TOY), tmp_path / "work", tmp_path / "toy", progress=False, stop_after="init")
+    assert (tmp_path / "work" / "init" / "unet").is_dir() and (tmp_path / "work" / "vae" / "vae").is_dir()
+    assert not (tmp_path / "work" / "base").exists() and not (tmp_path / "toy").exists()
+
+
 def test_the_recommended_step_count_is_the_fewest_within_the_tolerance():
     curve = {6: 20.0, 8: 20.55, 10: 20.62, 15: 20.6}
     assert fewest_steps_within(curve, 0.1) == 8

@@ -24,6 +24,7 @@ from rdtf.pipeline import RDTFPipeline
 from rdtf.train import (
     CARD_NAME,
     CHECKPOINT_DIR,
+    EMA,
     LOG_NAME,
     ResumableBatches,
     TrainConfig,
@@ -242,3 +243,16 @@ def test_min_snr_weighting_stops_after_snr_gamma_steps(workspace):
     assert switched[0] == pytest.approx(weighted[0]) and weighted[0] != pytest.approx(plain[0])
     never = _logged_losses(train(_config(workspace, "snr-0", max_steps=3, snr_gamma=5.0, snr_gamma_steps=0)))
     assert never == pytest.approx(plain)
+
+
+def test_ema_warms_up_so_the_random_start_fades_out():
+    weight = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA({"w": weight}, decay=0.999)
+    assert ema.decay_at(1) == pytest.approx(2 / 11) and ema.decay_at(100_000) == 0.999
+    with torch.no_grad():
+        weight.fill_(1.0)
+    ema.update(1)
+    assert torch.allclose(ema.shadow["w"], torch.full((3,), 9 / 11))
+    for step in range(2, 2001):
+        ema.update(step)
+    assert ema.shadow["w"].min() > 0.999  # without the warm-up, 0.999 ** 2000 = 14% of the start would remain
