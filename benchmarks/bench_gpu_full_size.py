@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import dataclasses
+import gc
 import platform
 import time
 from pathlib import Path
@@ -28,7 +28,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, I2VGenXLUNet
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 
 from rdtf.conditioning import conditioning_latents
 from rdtf.lora import attach_lora
@@ -131,9 +136,9 @@ def lora_step(unet: I2VGenXLUNet, hidden: int, frames: int, side: int, device: t
 
 def sample(pipe: RDTFPipeline, frames: int, side: int, steps: int, device: torch.device) -> dict:
     image = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
-    options = dict(image=image, prompt="a cat waving its paw", num_frames=frames, height=side, width=side,
-                   scheduler="ddim", text_guidance=9.0, image_guidance=1.5, strength=1.0, decode="direct",
-                   progress=False)
+    options = {"image": image, "prompt": "a cat waving its paw", "num_frames": frames, "height": side, "width": side,
+               "scheduler": "ddim", "text_guidance": 9.0, "image_guidance": 1.5, "strength": 1.0, "decode": "direct",
+               "progress": False}
     pipe.generate(**options, num_inference_steps=2)  # warm-up: kernel selection, caches of the prompt and image
     _reset_peak(device)
     _sync(device)
@@ -173,10 +178,10 @@ def main() -> None:
         f"Card: {card}; torch {torch.__version__}, Python {platform.python_version()}. Parameters (millions): "
         + ", ".join(f"{name} {count:.0f}" for name, count in params.items()) + ".",
         "",
-        "Sampling: bf16 weights, DDIM, text guidance 9 and image guidance 1.5 (three UNet branches in one batch), "
+        ("Sampling: bf16 weights, DDIM, text guidance 9 and image guidance 1.5 (three UNet branches in one batch), "
         "i2v from pure noise, the whole clip decoded in chunks of 8 frames; one warm-up call (2 steps) first. "
         "Offload keeps each component on the CPU until it runs. LoRA step: batch 1, rank 16 on attention, fp32 base "
-        "with bf16 autocast, AdamW; every component on the GPU as in `rdtf train`; mean of steps 2-3.",
+        "with bf16 autocast, AdamW; every component on the GPU as in `rdtf train`; mean of steps 2-3."),
         "",
         "| run | frames x size | seconds | peak GPU memory (GiB) |",
         "| --- | --- | ---: | ---: |",
