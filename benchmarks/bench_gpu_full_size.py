@@ -164,6 +164,10 @@ def main() -> None:
     sizes = [tuple(int(n) for n in size.split("x")) for size in args.sizes]
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and args.scale == "full":
+        print("bench_gpu_full_size: no GPU here, skipped; the last GPU run's results are in "
+              "benchmarks/results/gpu_full_size.md (--scale tiny runs a CPU smoke test)")
+        return
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the GPU: seconds instead of a minute of CPU init
         components = full_size_components(args.scale)
