@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,13 @@ from diffusers import AutoencoderKL
 
 from rdtf.autoencoder import (
     METRICS_NAME,
+    VAE_DIR,
     AutoencoderConfig,
     _frames,
     reconstruction_psnr,
     train_autoencoder,
 )
+from rdtf import checkpoint as ckpt
 from rdtf.data import StickerDataset
 from rdtf.models import build_tiny_vae
 
@@ -51,7 +54,11 @@ def test_training_beats_the_untrained_autoencoder_and_sets_unit_variance(data, t
 
 def test_a_resumed_run_ends_with_the_same_weights(data, tmp_path):
     straight = train_autoencoder(_config(data, tmp_path / "straight", steps=20))
-    train_autoencoder(_config(data, tmp_path / "resumed", steps=10))
+    train_autoencoder(_config(data, tmp_path / "resumed", steps=20))
+    # an interruption after step 10: everything written later is gone
+    shutil.rmtree(ckpt.latest_checkpoint(tmp_path / "resumed" / "checkpoints"))
+    shutil.rmtree(tmp_path / "resumed" / VAE_DIR)
+    assert ckpt.latest_checkpoint(tmp_path / "resumed" / "checkpoints").name.endswith("10")
     resumed = train_autoencoder(_config(data, tmp_path / "resumed", steps=20))
     a = AutoencoderKL.from_pretrained(straight, use_safetensors=True).state_dict()
     b = AutoencoderKL.from_pretrained(resumed, use_safetensors=True).state_dict()
