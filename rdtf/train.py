@@ -14,13 +14,13 @@ as one that never stopped, on one process or many. Runs in a notebook as
 from __future__ import annotations
 
 import csv
-from contextlib import nullcontext
 import dataclasses
 import hashlib
 import io
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -41,10 +41,16 @@ from rdtf.cache import CachedClips, build_cache, encode_items, encoder_fingerpri
 from rdtf.conditioning import conditioning_latents
 from rdtf.curriculum import CURRICULA, TaskCurriculum
 from rdtf.data import MANIFEST_FILE, StickerDataset
-from rdtf.lora import LORA_PRESETS, attach_lora, save_lora
 from rdtf.io import write_atomic
+from rdtf.lora import LORA_PRESETS, attach_lora, save_lora
 from rdtf.masks import TASKS, condition_mask
-from rdtf.models import Components, encode_text, has_mask_channel, load_components, resolve_model_path
+from rdtf.models import (
+    Components,
+    encode_text,
+    has_mask_channel,
+    load_components,
+    resolve_model_path,
+)
 
 CARD_NAME = "rdtf_card.json"
 LOG_NAME = "log.csv"

@@ -11,6 +11,7 @@ import torch
 from built_in import built_in_dataset
 from diffusers import AutoencoderKL
 
+from rdtf import checkpoint as ckpt
 from rdtf.autoencoder import (
     METRICS_NAME,
     VAE_DIR,
@@ -19,7 +20,6 @@ from rdtf.autoencoder import (
     reconstruction_psnr,
     train_autoencoder,
 )
-from rdtf import checkpoint as ckpt
 from rdtf.data import StickerDataset
 from rdtf.models import build_tiny_vae
 

@@ -10,7 +10,14 @@ import pytest
 
 from rdtf.lora import load_lora
 from rdtf.pipeline import RDTFPipeline
-from rdtf.tiny import RECIPE_NAME, SWEEP_NAME, TRAINING_DIR, TinyRecipe, build_tiny_model, fewest_steps_within
+from rdtf.tiny import (
+    RECIPE_NAME,
+    SWEEP_NAME,
+    TRAINING_DIR,
+    TinyRecipe,
+    build_tiny_model,
+    fewest_steps_within,
+)
 from rdtf.train import CARD_NAME, LOG_NAME
 
 TOY = dict(count=40, size=32, vae_channels=[8, 16], latent_channels=6, vae_steps=3, vae_batch_size=4, unet_channels=[8, 16],
