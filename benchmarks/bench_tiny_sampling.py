@@ -80,7 +80,8 @@ def main() -> None:
         "| ---: | --- | ---: | ---: | ---: |",
         *[f"| {t} | {name} | {cold:.2f} | {median:.2f} | {best:.2f} |" for t, name, cold, median, best in rows],
         "",
-        "Cold: embedding caches cleared first; warm: another seed, so only the UNet and the decoder run. "strength 1": the same settings from pure noise, so every step runs.",
+        "Cold: embedding caches cleared first; warm: another seed, so only the UNet and the decoder run. "
+        "'strength 1': the same settings from pure noise, so every step runs.",
     ]
     RESULTS.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {RESULTS}")

@@ -15,7 +15,11 @@ would run by hand:
 Each stage leaves its output in ``work_dir`` and is skipped when that output exists; the two
 training stages resume from their checkpoints, so an interrupted build continues where it
 stopped. The shipped folders (model, LoRA, with their logs, configs and metrics) are copied
-into place atomically at the end of their stage.
+into place atomically at the end of their stage. ``stop_after`` ends the build after a stage.
+
+Every stage runs on the GPU when there is one (training with ``gpu_mixed_precision``
+autocast); the shipped v2 was built on one H200 in under 8 minutes. The same recipe on 2 CPU
+cores would take about 15 hours (3000 VAE steps at about 5 s, 1100 UNet steps at about 35 s).
 """
 
 from __future__ import annotations

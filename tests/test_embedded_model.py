@@ -18,6 +18,7 @@ from rdtf.bars import BarSettings, task_bars
 from rdtf.data import StickerDataset
 from rdtf.notebooks import kit_root
 from rdtf.pipeline import RDTFPipeline
+from rdtf.tiny import TinyRecipe
 
 REDUCED_CLIPS = 3
 #: (bar, smallest measured value accepted here). rdtf-tiny v1 meets the i2v sharpness and
@@ -51,7 +52,7 @@ def test_the_shipped_model_is_small_safetensors_with_its_training_record():
     assert sum(path.stat().st_size for path in MODEL.rglob("*") if path.is_file()) <= 25 * 2**20
     assert len(weights) >= 5
     recipe = json.loads((MODEL / "training" / "rdtf_recipe.json").read_text())
-    assert recipe["holdout_motion"] == "spin"
+    assert recipe == TinyRecipe().to_dict()  # plain `rdtf build-tiny` rebuilds what ships
     assert json.loads((MODEL / "training" / "rdtf_card.json").read_text())["steps"] == recipe["unet_steps"]
     assert (MODEL / "evaluation" / "quality_bars.json").is_file()
 
