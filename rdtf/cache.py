@@ -158,5 +158,6 @@ class CachedClips(Dataset):
         row = self.dataset.rows[index]
         item = {name: handle.get_tensor(f"{index}.{name}") for name in ("latents", "text_en", "text_zh", "frame_embeds")}
         loss_mask = np.asarray(row["loss_mask"][: self.dataset.num_frames], dtype=np.float32)
-        item.update(loss_mask=torch.from_numpy(loss_mask), fps=float(row["fps"]), key=row["key"])
+        item.update(loss_mask=torch.from_numpy(loss_mask), fps=float(row["fps"]), key=row["key"],
+                    caption_en=row["caption_en"], caption_zh=row["caption_zh"])
         return item

@@ -70,6 +70,9 @@ class TrainConfig:
     data: str = "data/builtin-prepared"  # a dataset folder written by `rdtf prepare`
     output_dir: str = "runs/lora"
     mode: str = "lora"  # "lora": train an adapter; "full": train every UNet weight (from scratch)
+    # mode "full" only: the text tower learns with the UNet (a from-scratch model's random tower does
+    # not separate the captions well enough for the UNet to follow them); one process only
+    train_text_encoder: bool = False
     # data
     split: str | None = "train"  # None or "" = every split
     exclude_motions: list[str] = field(default_factory=list)  # e.g. the held-out motion
@@ -146,6 +149,8 @@ class TrainConfig:
             raise ValueError(f"snr_gamma={self.snr_gamma}: must be > 0 (or None)")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay={self.ema_decay}: must be in (0, 1) (or None)")
+        if self.train_text_encoder and self.mode != "full":
+            raise ValueError("train_text_encoder=True needs mode='full' (a LoRA adapts the UNet only)")
         if self.mode == "lora" and self.lora_targets not in LORA_PRESETS and not self.lora_targets.strip():
             raise ValueError(f"lora_targets={self.lora_targets!r}: a preset ({', '.join(LORA_PRESETS)}) or a regex")
 
@@ -260,6 +265,16 @@ def diffusion_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
     return scheduler.get_velocity(latents, noise, timesteps)
 
 
+def text_influence(prediction: torch.Tensor, other_caption_prediction: torch.Tensor) -> float:
+    """How much the caption steers the UNet: relative change of its output under another clip's caption.
+
+    Logged as ``val_text_influence``. Near 0 means the UNet ignores the text, and then no
+    guidance scale can make the clip follow its caption (rdtf-tiny v0-v2 stayed at 0.01-0.03).
+    """
+    change = (prediction - other_caption_prediction).flatten(1).norm(dim=1)
+    return (change / prediction.flatten(1).norm(dim=1).clamp(min=1e-8)).mean().item()
+
+
 def generated_frame_errors(
     prediction: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor, condition_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,8 +301,15 @@ def _check_fit(components: Components, dataset: StickerDataset) -> None:
         raise ValueError(f"{dataset.root}: clips are {size}px, not a multiple of {factor} as this model needs")
 
 
-def _trainable(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {name: p for name, p in unet.named_parameters() if p.requires_grad}
+TEXT_ENCODER_PREFIX = "text_encoder."
+
+
+def _trainable(components: Components) -> dict[str, torch.nn.Parameter]:
+    """What the optimizer updates, by name: UNet parameters as named, text-tower ones prefixed."""
+    found = {name: p for name, p in components.unet.named_parameters() if p.requires_grad}
+    found.update({TEXT_ENCODER_PREFIX + name: p for name, p in components.text_encoder.named_parameters()
+                  if p.requires_grad})
+    return found
 
 
 def _optimizer(config: TrainConfig, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -375,12 +397,16 @@ def train(config: TrainConfig) -> Path:
         )
     else:
         unet.requires_grad_(True)
-    if not _trainable(unet):
+        if config.train_text_encoder:
+            if world > 1:
+                raise ValueError("train_text_encoder=True runs on one process; train the text tower on one GPU")
+            components.text_encoder.requires_grad_(True).train()
+    if not _trainable(components):
         raise ValueError(f"lora_targets={config.lora_targets!r} matched no UNet module; presets: {', '.join(LORA_PRESETS)}")
     if config.gradient_checkpointing:
         enable_block_checkpointing(unet)
     unet.train()
-    trainable = _trainable(unet)
+    trainable = _trainable(components)
     optimizer = _optimizer(config, list(trainable.values()))
     lr_schedule = get_scheduler(
         config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.max_steps
@@ -456,8 +482,15 @@ def train(config: TrainConfig) -> Path:
             chinese = torch.rand(size, generator=generator) < 0.5
             if config.caption_language != "both":
                 chinese[:] = config.caption_language == "zh"
-            text = torch.where(chinese.to(device).view(-1, 1, 1), inputs["text_zh"], inputs["text_en"])
-            text = torch.where(use_text.view(-1, 1, 1), text, empty_text.expand_as(text))
+            if config.train_text_encoder:  # encoded now, through the tower being trained
+                captions = [(zh if is_zh else en) if used else ""
+                            for en, zh, is_zh, used in zip(batch["caption_en"], batch["caption_zh"], chinese.tolist(),
+                                                           use_text.tolist())]
+                with accelerator.autocast():
+                    text = encode_text(components, captions)
+            else:
+                text = torch.where(chinese.to(device).view(-1, 1, 1), inputs["text_zh"], inputs["text_en"])
+                text = torch.where(use_text.view(-1, 1, 1), text, empty_text.expand_as(text))
             # image embedding of the first given frame, dropped for t2v and for image dropout
             has_given = cond_mask.sum(dim=1) > 0
             first_given = cond_mask.argmax(dim=1)
@@ -622,7 +655,6 @@ class _Validation:
         self.items = [dataset[i] for i in range(count)]
         with torch.no_grad():
             self.inputs = {k: v.to(accelerator.device) for k, v in encode_items(components, self.items).items()}
-            self.empty = encode_text(components, [""]).float().to(accelerator.device)
 
     @torch.no_grad()
     def losses(self, unet: torch.nn.Module) -> dict[str, float]:
@@ -639,15 +671,20 @@ class _Validation:
         target = diffusion_target(scheduler, latents, noise, timesteps)
         loss_mask = torch.stack([item["loss_mask"] for item in self.items]).to(latents.device)
         fps = torch.tensor([item["fps"] for item in self.items], device=latents.device)
+        # encoded now: the text tower may be training too
+        captions = encode_text(self.components, [item["caption_en"] for item in self.items]).float()
+        empty = encode_text(self.components, [""]).float().expand_as(captions)
         results = {}
         for task in self.config.tasks:
             mask = condition_mask(task, frames).to(latents.device).expand(size, -1) * loss_mask
-            text = self.inputs["text_en"] if task != "i2v" else self.empty.expand_as(self.inputs["text_en"])
             image = self.inputs["frame_embeds"][:, 0:1] * (mask[:, :1] > 0).view(-1, 1, 1)
             with self.accelerator.autocast():
                 image_latents = conditioning_latents(latents, mask, has_mask_channel(unet), self.components.config.condition_fill)
-                prediction = unet(noisy, timesteps, fps=fps, image_latents=image_latents,
-                                  image_embeddings=image, encoder_hidden_states=text, return_dict=False)[0]
+                given = {"fps": fps, "image_latents": image_latents, "image_embeddings": image, "return_dict": False}
+                prediction = unet(noisy, timesteps, encoder_hidden_states=captions if task != "i2v" else empty, **given)[0]
+                if task == "it2v" and size > 1:  # every clip under the next clip's caption
+                    other = unet(noisy, timesteps, encoder_hidden_states=captions.roll(1, dims=0), **given)[0]
+                    results["val_text_influence"] = round(text_influence(prediction.float(), other.float()), 6)
             per_frame, weights = generated_frame_errors(prediction, target, loss_mask, mask)
             results[f"val_{task}"] = round(((per_frame * weights).sum() / weights.sum().clamp(min=1)).item(), 6)
         unet.train(was_training)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from rdtf.data import prepare_dataset
 from rdtf.lora import load_lora
-from rdtf.models import build_tiny_components, load_components
+from rdtf.models import build_tiny_components, encode_text, load_components
 from rdtf.pipeline import RDTFPipeline
 from rdtf.train import (
     CARD_NAME,
@@ -30,6 +30,7 @@ from rdtf.train import (
     TrainConfig,
     TrainingError,
     enable_block_checkpointing,
+    text_influence,
     train,
 )
 
@@ -138,6 +139,55 @@ def test_full_training_saves_a_loadable_model(workspace):
     assert changed
 
 
+def test_text_tower_trains_with_the_unet_and_resumes_exactly(workspace, tmp_path):
+    data = built_in_dataset(tmp_path, count=60, size=32, seed=3)  # with 4 val clips for the text influence
+    settings = {"mode": "full", "train_text_encoder": True, "max_steps": 4, "validate_every": 2, "ema_decay": 0.9,
+                "text_dropout": 0.3, "num_validation": 3, "data": str(data)}
+    whole = train(_config(workspace, "text-whole", **settings))
+    with open(whole / LOG_NAME) as handle:
+        assert float(list(csv.DictReader(handle))[-1]["val_text_influence"]) > 0
+    base = load_components(workspace / "model").text_encoder.state_dict()
+    trained = load_components(whole / "model").text_encoder.state_dict()
+    assert any(not torch.equal(base[name], trained[name]) for name in base)
+
+    # interrupted after step 2: the step-4 checkpoint and the output never got written
+    killed = workspace / "text-killed"
+    shutil.copytree(whole, killed)
+    shutil.rmtree(killed / CHECKPOINT_DIR / "step-00000004")
+    shutil.rmtree(killed / "model")
+    (killed / CARD_NAME).unlink()
+    resumed = load_components(train(_config(workspace, "text-killed", **settings)) / "model")
+    for name, value in resumed.text_encoder.state_dict().items():
+        torch.testing.assert_close(value, trained[name], atol=1e-6, rtol=0)
+    unet = load_components(whole / "model").unet.state_dict()
+    for name, value in resumed.unet.state_dict().items():
+        torch.testing.assert_close(value, unet[name], atol=1e-6, rtol=0)
+
+
+def test_text_influence_is_zero_only_for_a_unet_that_ignores_the_text():
+    components = build_tiny_components(seed=0, sample_size=8, image_size=16)
+    unet = components.unet.eval()
+    torch.manual_seed(0)
+    latents = torch.randn(2, unet.config.in_channels, 8, 8, 8)
+    image_latents = torch.cat([latents, torch.ones_like(latents[:, :1])], dim=1)  # + the mask channel
+    kwargs = {"fps": torch.full((2,), 8.0), "image_latents": image_latents,
+              "image_embeddings": torch.randn(2, 1, unet.config.cross_attention_dim)}
+
+    def influence() -> float:
+        captions = ["a cat nods", "a dog spins"]
+        with torch.no_grad():
+            own, other = (unet(latents, torch.tensor([500, 500]), encoder_hidden_states=encode_text(components, texts),
+                               **kwargs).sample for texts in (captions, captions[::-1]))
+        return text_influence(own, other)
+
+    assert influence() > 1e-4
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith("attn2.to_v"):  # cross-attention values: the only way text reaches the output
+                module.weight.zero_()
+    assert influence() < 1e-6
+
+
 def test_batches_are_disjoint_across_ranks_and_resume_anywhere():
     ranks = [ResumableBatches(20, 3, rank, 2, seed=0, start=0) for rank in range(2)]
     for micro_step in range(ranks[0].per_epoch):
@@ -182,6 +232,7 @@ def test_gradient_checkpointing_gives_the_plain_gradients():
         ({"lora_targets": r"no_such_module$"}, "no_such_module"),
         ({"batch_size": 64}, "cannot fill one batch"),
         ({"mixed_precision": "fp8"}, "mixed_precision='fp8'"),
+        ({"train_text_encoder": True}, "needs mode='full'"),
     ],
 )
 def test_bad_settings_are_named(workspace, overrides, message):
