@@ -122,15 +122,13 @@ def task_bars(pipe: RDTFPipeline, dataset: StickerDataset, settings: BarSettings
                          f">= +{margin:g}{unit}", model - base >= margin, f"model {model:.3f}, static {base:.3f}"))
 
     i2v = _rows(result, "i2v", "model")
-    gt_flow = np.array([row["flow_magnitude_gt"] for row in i2v])
-    low, high = np.percentile(gt_flow, [10, 90])
-    moving = np.mean([low <= row["flow_magnitude"] <= high for row in i2v])
-    bars.append(_bar("i2v moves like a sticker (flow magnitude in the ground truth's 10-90th percentiles)", moving,
-                     ">= 0.8 of clips", moving >= 0.8, f"range {low:.3f}-{high:.3f} px/frame"))
-    ratios = np.array([row["sharpness"] / row["sharpness_gt"] for row in i2v if row["sharpness_gt"] > 0])
-    median = float(np.median(ratios))
+    motion = i2v_motion(i2v)
+    bars.append(_bar("i2v moves like a sticker (flow magnitude in the ground truth's 10-90th percentiles)",
+                     motion["moving"], ">= 0.8 of clips", motion["moving"] >= 0.8,
+                     f"range {motion['low']:.3f}-{motion['high']:.3f} px/frame"))
+    median = motion["sharpness"]
     bars.append(_bar("i2v sharpness (gradient energy / ground truth's, median clip)", median, "0.8-1.2",
-                     0.8 <= median <= 1.2, f"{np.mean(np.abs(ratios - 1) <= 0.2):.2f} of clips within 20%"))
+                     0.8 <= median <= 1.2, f"{motion['sharp_share']:.2f} of clips within 20%"))
     kept = min(row["psnr_given"] for row in i2v)
     bars.append(_bar("i2v keeps the given frame (worst clip PSNR)", min(kept, 99.0), ">= 40 dB", kept >= 40.0))
 
@@ -146,6 +144,20 @@ def task_bars(pipe: RDTFPipeline, dataset: StickerDataset, settings: BarSettings
         bars.append(_bar(f"{task.replace('_', ' ')} vs repeating the nearest frame", model - repeat, "> 0 dB",
                          model - repeat > 0.0, f"model {model:.2f}, repeat {repeat:.2f} dB"))
     return bars, result
+
+
+def i2v_motion(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Does i2v move like the ground truth and stay as sharp? (evaluation rows of one method's i2v clips)
+
+    ``moving``: share of clips whose flow magnitude is inside the ground truth clips' 10th-90th
+    percentile range (``low``-``high``); ``sharpness``: median ratio of gradient energy to the
+    ground truth's; ``sharp_share``: share of clips within 20% of it.
+    """
+    low, high = np.percentile([row["flow_magnitude_gt"] for row in rows], [10, 90])
+    ratios = np.array([row["sharpness"] / row["sharpness_gt"] for row in rows if row["sharpness_gt"] > 0])
+    return {"moving": float(np.mean([low <= row["flow_magnitude"] <= high for row in rows])),
+            "low": float(low), "high": float(high), "sharpness": float(np.median(ratios)),
+            "sharp_share": float(np.mean(np.abs(ratios - 1) <= 0.2))}
 
 
 def _stride_mask(case: EvalCase, stride: int) -> np.ndarray:
@@ -284,9 +296,10 @@ def measure_quality_bars(
         raise ValueError(f"{data}: the {settings.split!r} split has no {settings.holdout_motion!r} clips for the LoRA bars")
     torch.manual_seed(settings.seed)
     pipe = RDTFPipeline.from_pretrained(model)
-    settings = dataclasses.replace(settings, **{
-        name: value for name, value in pipe.sampler_settings.items() if getattr(settings, name) is None
-    })
+    # settings left at None: the model's recommended ones, per task (the pipeline resolves them)
+    chosen = {name: getattr(settings, name) for name in pipe.sampler_settings if getattr(settings, name) is not None}
+    task_changes = {task: {k: v for k, v in changes.items() if k not in chosen}
+                    for task, changes in pipe.components.config.task_sampler.items()}
     bars, result = task_bars(pipe, base_motions, settings, progress)
     bars += text_control_bars(pipe, base_motions, settings, progress)
     step, curve = step_bars(pipe, base_motions, settings, progress)
@@ -298,6 +311,8 @@ def measure_quality_bars(
         "lora": None if lora is None else str(lora),
         "data": str(data),
         "settings": dataclasses.asdict(settings),
+        "sampler": {**pipe.sampler_settings, **chosen},
+        "task_sampler": {task: changes for task, changes in task_changes.items() if changes},
         "bars": bars,
         "passed": sum(bar["passed"] for bar in bars),
         "total": len(bars),
@@ -316,8 +331,9 @@ def write_quality_bars(results: dict[str, Any], out_dir: str | os.PathLike) -> P
         "",
         f"Model `{results['model']}`" + (f" + LoRA `{results['lora']}`" if results["lora"] else "")
         + f", data `{results['data']}` split `{results['settings']['split']}`; sampler "
-        + ", ".join(f"{k}={results['settings'][k]}" for k in ("scheduler", "num_inference_steps", "text_guidance",
-                                                               "image_guidance", "strength", "decode", "seed")) + ".",
+        + ", ".join(f"{k}={v}" for k, v in {**results["sampler"], "seed": results["settings"]["seed"]}.items())
+        + "".join(f"; for {task}: " + ", ".join(f"{k}={v}" for k, v in changes.items())
+                  for task, changes in results["task_sampler"].items()) + ".",
         "",
         "| bar | measured | target | met | detail |",
         "| --- | ---: | --- | :---: | --- |",

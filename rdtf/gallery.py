@@ -88,7 +88,7 @@ def build_gallery(
     ``exclude_motions`` (by default the motion held out of base training) and clips with
     fewer than 3 real frames. Every clip appears in all three tables; half of the it2v rows
     are prompted with the English caption and half with the Chinese one. Sampling uses
-    ``seed`` and the given sampler settings (None: the model's recommended ones). With ``readme``, the text between
+    ``seed`` and the given sampler settings (None: the model's recommended ones for each task). With ``readme``, the text between
     ``<!-- gallery:start -->`` and ``<!-- gallery:end -->`` there is replaced by the same
     tables with paths relative to the README, and nothing else in it changes. All inputs
     are checked before the model loads; every file is written atomically.
@@ -107,11 +107,8 @@ def build_gallery(
     pipeline = RDTFPipeline.from_pretrained(model, device=device)
     chosen = dict(num_inference_steps=num_inference_steps, scheduler=scheduler, text_guidance=text_guidance,
                   image_guidance=image_guidance, strength=strength, decode=decode)
-    resolved = {**pipeline.sampler_settings, **{k: v for k, v in chosen.items() if v is not None}}
-    num_inference_steps, scheduler = resolved["num_inference_steps"], resolved["scheduler"]
-    text_guidance, image_guidance = resolved["text_guidance"], resolved["image_guidance"]
-    strength, decode = resolved["strength"], resolved["decode"]
-    sampler: dict[str, Any] = {**resolved, "seed": seed, "progress": False}
+    given = {k: v for k, v in chosen.items() if v is not None}  # the rest: the model's, per task
+    sampler: dict[str, Any] = {**given, "seed": seed, "progress": False}
     shown = []
     with tqdm(total=3 * len(picked), desc="gallery", unit="sample", disable=not progress) as bar:
         for number, index in enumerate(picked):
@@ -119,17 +116,19 @@ def build_gallery(
             bar.set_postfix_str(item["key"])
             shown.append(_render_clip(pipeline, item, out, "en" if number % 2 == 0 else "zh", sampler, bar))
 
-    settings = (
-        f"seed {seed}; {num_inference_steps} {scheduler} step{'s' if num_inference_steps != 1 else ''}, "
-        f"text guidance {text_guidance:g}, image guidance {image_guidance:g}, start strength {strength:g}, "
-        f"{decode} decode"
-    )
+    settings = f"seed {seed}; " + _describe({**pipeline.sampler_settings_for("it2v"), **given})
+    i2v = {**pipeline.sampler_settings_for("i2v"), **given}
+    if i2v != {**pipeline.sampler_settings_for("it2v"), **given}:
+        settings += f"; static sticker → animated: {_describe(i2v)}"
+    flags = []  # only the settings given: the rest come from the model's config, as above
+    for flag, value in (("steps", num_inference_steps), ("scheduler", scheduler), ("text-guidance", text_guidance),
+                        ("image-guidance", image_guidance), ("strength", strength), ("decode", decode)):
+        if value is not None:
+            flags += [f"--{flag}", f"{value:g}" if isinstance(value, float) else str(value)]
     command = shlex.join(
         ["rdtf", "gallery", "--base", str(model), "--data", str(data), "--out", str(out)]
         + (["--no-readme"] if readme_path is None else ["--readme", str(readme_path)])
-        + ["--split", split, "--count", str(count), "--seed", str(seed), "--steps", str(num_inference_steps)]
-        + ["--scheduler", scheduler, "--text-guidance", f"{text_guidance:g}"]
-        + ["--image-guidance", f"{image_guidance:g}", "--strength", f"{strength:g}", "--decode", decode]
+        + ["--split", split, "--count", str(count), "--seed", str(seed), *flags]
         + ["--exclude-motions", *exclude_motions]
     )
     provenance = (
@@ -143,6 +142,13 @@ def build_gallery(
         block = _markdown(shown, readme_path.parent, provenance)
         write_atomic(readme_path, f"{head}\n{block}\n{tail}".encode())
     return gallery
+
+
+def _describe(sampler: dict[str, Any]) -> str:
+    steps = sampler["num_inference_steps"]
+    return (f"{steps} {sampler['scheduler']} step{'s' if steps != 1 else ''}, text guidance {sampler['text_guidance']:g}, "
+            f"image guidance {sampler['image_guidance']:g}, start strength {sampler['strength']:g}, "
+            f"{sampler['decode']} decode")
 
 
 def _check_settings(

@@ -49,6 +49,7 @@ from transformers import (
 )
 
 from rdtf.conditioning import CONDITION_FILLS
+from rdtf.masks import TASKS
 from rdtf.tokenizer import build_byte_tokenizer, build_char_tokenizer, tokenize
 
 RDTF_CONFIG_NAME = "rdtf_config.json"
@@ -81,6 +82,8 @@ class RDTFConfig:
     mask as an extra channel. ``num_frames``: the clip length the model was trained for.
     ``sampler``: the sampler settings this model is best used with (keys of
     :data:`SAMPLER_DEFAULTS`); what it leaves out falls back to those defaults.
+    ``task_sampler``: per-task changes to ``sampler`` (e.g. ``{"i2v": {"strength": 0.8}}``):
+    a task that must invent motion may want another start than one that must match given frames.
     ``condition_fill``: what the image latents carry at frames to generate (``position``, the
     stock plane, or ``interpolate``, the given latents interpolated in time; see
     :mod:`rdtf.conditioning`); ``interpolate`` needs the mask channel.
@@ -91,6 +94,7 @@ class RDTFConfig:
     max_text_length: int = 77
     num_frames: int = 16
     sampler: dict[str, Any] = field(default_factory=dict)
+    task_sampler: dict[str, dict[str, Any]] = field(default_factory=dict)
     condition_fill: str = "position"
 
     def __post_init__(self) -> None:
@@ -106,14 +110,22 @@ class RDTFConfig:
             raise ValueError(f"max_text_length={self.max_text_length}: must be >= 3")
         if self.num_frames < 1:
             raise ValueError(f"num_frames={self.num_frames}: must be >= 1")
-        unknown = sorted(set(self.sampler) - set(SAMPLER_DEFAULTS))
-        if unknown:
-            raise ValueError(f"sampler: unknown settings {unknown}; expected some of {sorted(SAMPLER_DEFAULTS)}")
+        for name, settings in (("sampler", self.sampler), *((f"task_sampler.{t}", v) for t, v in self.task_sampler.items())):
+            unknown = sorted(set(settings) - set(SAMPLER_DEFAULTS))
+            if unknown:
+                raise ValueError(f"{name}: unknown settings {unknown}; expected some of {sorted(SAMPLER_DEFAULTS)}")
+        unknown_tasks = sorted(set(self.task_sampler) - set(TASKS))
+        if unknown_tasks:
+            raise ValueError(f"task_sampler: unknown tasks {unknown_tasks}; expected some of {', '.join(TASKS)}")
 
     @property
     def sampler_settings(self) -> dict[str, Any]:
         """The sampler settings to use when a caller names none: the model's, else the defaults."""
         return {**SAMPLER_DEFAULTS, **self.sampler}
+
+    def sampler_settings_for(self, task: str | None) -> dict[str, Any]:
+        """:attr:`sampler_settings` with ``task``'s own changes (none for ``task=None``)."""
+        return {**self.sampler_settings, **self.task_sampler.get(task or "", {})}
 
     @classmethod
     def from_dict(cls, values: dict, source: str = RDTF_CONFIG_NAME) -> RDTFConfig:

@@ -272,6 +272,10 @@ class RDTFPipeline:
         """Steps, scheduler and guidance scales used when a call names none (saved with the model)."""
         return self.components.config.sampler_settings
 
+    def sampler_settings_for(self, task: str | None) -> dict[str, Any]:
+        """:attr:`sampler_settings` with the model's changes for ``task`` (e.g. i2v's start strength)."""
+        return self.components.config.sampler_settings_for(task)
+
     def __call__(self, *, output_path: str | os.PathLike | None = None, **kwargs: Any) -> Clip:
         """Generate a clip; every keyword of :meth:`generate` applies. Optionally write it to ``output_path``.
 
@@ -329,7 +333,7 @@ class RDTFPipeline:
         interpolated in pixel space plus ``D(z) - D(z_fill)``, so a small VAE's blur falls on
         the motion, not on the whole frame; ``"direct"`` decodes ``D(z)`` (stock). Sampler
         settings left at None (steps, guidance scales, scheduler, strength, decode) take the
-        model's recommended ones (:attr:`sampler_settings`).
+        model's recommended ones for the task (:meth:`sampler_settings_for`).
         """
         request = self._validate(
             image=image,
@@ -426,15 +430,17 @@ class RDTFPipeline:
         decode_chunk_size: int | None,
         background: Sequence[int],
     ) -> _Request:
-        recommended = self.sampler_settings
+        if task is None and condition_mask is None and frames is None:
+            task = ("it2v" if prompt else "i2v") if image is not None else "t2v"
+        if task is not None and task not in TASKS:
+            raise ValueError(f"task={task!r}: expected one of {', '.join(TASKS)}")
+        recommended = self.sampler_settings_for(task)
         num_inference_steps = recommended["num_inference_steps"] if num_inference_steps is None else num_inference_steps
         text_guidance = recommended["text_guidance"] if text_guidance is None else text_guidance
         image_guidance = recommended["image_guidance"] if image_guidance is None else image_guidance
         scheduler = recommended["scheduler"] if scheduler is None else scheduler
         strength = recommended["strength"] if strength is None else float(strength)
         decode = recommended["decode"] if decode is None else decode
-        if task is not None and task not in TASKS:
-            raise ValueError(f"task={task!r}: expected one of {', '.join(TASKS)}")
         check_sampler_settings(scheduler=scheduler, text_guidance=text_guidance, image_guidance=image_guidance,
                                strength=strength, decode=decode)
         if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
@@ -478,11 +484,8 @@ class RDTFPipeline:
             mask = _to_mask(condition_mask, num_frames)
         elif task is not None:
             mask = task_condition_mask(task, num_frames)
-        elif clip_frames is not None:
-            raise ValueError("frames were given without condition_mask or task: say which frames are given")
         else:
-            task = ("it2v" if prompt else "i2v") if image is not None else "t2v"
-            mask = task_condition_mask(task, num_frames)
+            raise ValueError("frames were given without condition_mask or task: say which frames are given")
         positions = [int(i) for i in torch.nonzero(mask).flatten()]
         if positions and image is None and clip_frames is None:
             raise ValueError(

@@ -10,7 +10,8 @@ would run by hand:
 4. ``train --mode full``: the UNet on every task, every motion but the held-out one;
 5. ``train --mode lora``: a short LoRA on the held-out motion only (the fine-tuning demo);
 6. the recommended sampler settings: a small guidance grid scored on val clips, the best
-   saved in the model's ``rdtf_config.json`` (what every caller gets by default).
+   saved in the model's ``rdtf_config.json`` (what every caller gets by default), then i2v's
+   own start strength, chosen by how its clips move rather than by PSNR.
 
 Each stage leaves its output in ``work_dir`` and is skipped when that output exists; the two
 training stages resume from their checkpoints, so an interrupted build continues where it
@@ -37,6 +38,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from rdtf.autoencoder import METRICS_NAME, VAE_DIR, AutoencoderConfig, train_autoencoder
+from rdtf.bars import i2v_motion
 from rdtf.data import StickerDataset, prepare_dataset
 from rdtf.evaluate import cases_from_items, evaluate_methods, pipeline_method
 from rdtf.io import write_atomic
@@ -49,6 +51,7 @@ RECIPE_NAME = "rdtf_recipe.json"
 SWEEP_NAME = "sampler_sweep.json"
 TRAINING_DIR = "training"  # inside the shipped model: what produced it
 STAGES = ("data", "vae", "init", "base", "lora", "sweep")
+I2V_PREFIX = "sampler_i2v_"
 
 
 @dataclass
@@ -100,13 +103,24 @@ class TinyRecipe:
     sampler_step_counts: list[int] = field(default_factory=lambda: [6, 8, 10, 15])
     sampler_step_tolerance_db: float = 0.1
     sampler_clips: int = 6
+    # then i2v's own start strength, judged by motion and sharpness (see recommend_i2v_sampler)
+    sampler_i2v_strengths: list[float] = field(default_factory=lambda: [1.0, 0.8, 0.6])
+    sampler_i2v_clips: int = 16
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def sweep_settings(self) -> dict:
-        """The fields that only steer the sampler sweep, not any trained weights."""
+        """The fields that only steer the sampler sweeps, not any trained weights."""
         return {name: value for name, value in self.to_dict().items() if name.startswith("sampler_")}
+
+    def main_sweep_settings(self) -> dict:
+        """The fields of the sweep that every task shares (:func:`recommend_sampler`)."""
+        return {name: value for name, value in self.sweep_settings().items() if not name.startswith(I2V_PREFIX)}
+
+    def i2v_sweep_settings(self) -> dict:
+        """The fields of i2v's own sweep (:func:`recommend_i2v_sampler`)."""
+        return {name: value for name, value in self.sweep_settings().items() if name.startswith(I2V_PREFIX)}
 
 
 def _copy_into_place(source: Path, target: Path) -> Path:
@@ -234,9 +248,15 @@ def build_tiny_model(
         return model_out, lora_out
 
     sweep_file = model_out / TRAINING_DIR / SWEEP_NAME
-    if not sweep_file.exists() or json.loads(sweep_file.read_text(encoding="utf-8")).get("recipe") != recipe.sweep_settings():
+
+    def swept() -> dict[str, Any]:
+        return json.loads(sweep_file.read_text(encoding="utf-8")) if sweep_file.exists() else {}
+
+    if swept().get("recipe") != recipe.main_sweep_settings():
         recommend_sampler(model_out, data, recipe, progress)
-        write_atomic(model_out / TRAINING_DIR / RECIPE_NAME, json.dumps(recipe.to_dict(), indent=2).encode("utf-8"))
+    if swept().get("i2v", {}).get("recipe") != recipe.i2v_sweep_settings():
+        recommend_i2v_sampler(model_out, data, recipe, progress)
+    write_atomic(model_out / TRAINING_DIR / RECIPE_NAME, json.dumps(recipe.to_dict(), indent=2).encode("utf-8"))
     return model_out, lora_out
 
 
@@ -285,11 +305,46 @@ def recommend_sampler(model: Path, data: Path, recipe: TinyRecipe, progress: boo
     config_file = model / RDTF_CONFIG_NAME
     config = json.loads(config_file.read_text(encoding="utf-8"))
     write_atomic(config_file, json.dumps({**config, "sampler": chosen}, indent=2).encode("utf-8"))
-    sweep = {"split": "val", "clips": len(items), "tasks": ["it2v", "interpolation"], "recipe": recipe.sweep_settings(),
+    sweep = {"split": "val", "clips": len(items), "tasks": ["it2v", "interpolation"], "recipe": recipe.main_sweep_settings(),
              "mean_psnr_db": by_guidance, "mean_psnr_db_by_strength_and_decode": by_start,
              "mean_psnr_db_by_steps": {str(n): v for n, v in sorted(by_steps.items())}, "chosen": chosen}
     write_atomic(model / TRAINING_DIR / SWEEP_NAME, json.dumps(sweep, indent=2).encode("utf-8"))
     return chosen
+
+
+def recommend_i2v_sampler(model: Path, data: Path, recipe: TinyRecipe, progress: bool = True) -> float:
+    """i2v's own start strength, saved as the model's ``task_sampler["i2v"]``; returns it.
+
+    i2v has no single right motion, so PSNR (which rewards standing still) cannot choose its
+    start. On val clips, with the model's other settings: the strength whose clips stay sharp
+    (median gradient energy within 20% of the ground truth's) and most often move like the
+    ground truth (flow magnitude inside its clips' 10th-90th percentiles).
+    """
+    dataset = StickerDataset(data, split="val", predicate=lambda row: row["motion"] != recipe.holdout_motion)
+    cases = cases_from_items([dataset[i] for i in range(min(recipe.sampler_i2v_clips, len(dataset)))], ["i2v"])
+    pipe = RDTFPipeline.from_pretrained(model, device="cuda" if torch.cuda.is_available() else "cpu")
+    methods = {f"{strength:g}": pipeline_method(pipe, seed=recipe.seed, progress=False, strength=float(strength))
+               for strength in recipe.sampler_i2v_strengths}
+    result = evaluate_methods(cases, methods, baselines=False, keep_examples=0, progress=progress)
+    by_strength = {name: i2v_motion([row for row in result.rows if row["method"] == name]) for name in methods}
+
+    def merit(name: str) -> tuple:
+        motion = by_strength[name]
+        return abs(motion["sharpness"] - 1) <= 0.2, motion["moving"], -abs(motion["sharpness"] - 1)
+
+    strength = float(max(by_strength, key=merit))
+    config_file = model / RDTF_CONFIG_NAME
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    task_sampler = {task: changes for task, changes in config.get("task_sampler", {}).items() if task != "i2v"}
+    if strength != config.get("sampler", {}).get("strength"):
+        task_sampler["i2v"] = {"strength": strength}
+    write_atomic(config_file, json.dumps({**config, "task_sampler": task_sampler}, indent=2).encode("utf-8"))
+    sweep_file = model / TRAINING_DIR / SWEEP_NAME
+    sweep = json.loads(sweep_file.read_text(encoding="utf-8"))
+    sweep["i2v"] = {"clips": len(cases), "recipe": recipe.i2v_sweep_settings(),
+                    "by_strength": by_strength, "chosen_strength": strength}
+    write_atomic(sweep_file, json.dumps(sweep, indent=2).encode("utf-8"))
+    return strength
 
 
 def fewest_steps_within(psnr_by_steps: dict[int, float], tolerance_db: float) -> int:

@@ -365,7 +365,7 @@ class StickerStudio:
         self.negative_prompt = w.Text(description="Negative")
         self.task = w.Dropdown(options=[(TASK_LABELS[t], t) for t in TASKS], value="it2v", description="Task")
         self.factor = w.Dropdown(options=list(INTERPOLATION_FACTORS), value=2, description="Factor")
-        recommended = pipeline.sampler_settings  # the model's own settings start the sliders
+        recommended = pipeline.sampler_settings  # the model's own settings start the sliders (see on_task)
         guidance = dict(min=0.0, max=20.0, step=0.5, **slider)
         self.text_guidance = w.FloatSlider(value=recommended["text_guidance"], description="Text guidance", **guidance)
         self.image_guidance = w.FloatSlider(value=recommended["image_guidance"], description="Image guidance", **guidance)
@@ -509,7 +509,16 @@ class StickerStudio:
         )
 
     def on_task(self, change: Any = None) -> None:
-        """Show the interpolation factor only where it applies; there the source sets the timing, not the sliders."""
+        """Show the interpolation factor only where it applies; there the source sets the timing, not the sliders.
+
+        Settings the model recommends per task (e.g. i2v's start strength) move to the new task's value.
+        """
+        recommended = self.pipeline.sampler_settings_for(self.task.value)
+        controls = {"num_inference_steps": self.steps, "scheduler": self.scheduler, "text_guidance": self.text_guidance,
+                    "image_guidance": self.image_guidance, "strength": self.strength, "decode": self.decode}
+        for changes in self.pipeline.components.config.task_sampler.values():
+            for name in changes:
+                controls[name].value = recommended[name]
         interpolating = self.task.value == "interpolation"
         self.factor.layout.display = None if interpolating else "none"
         self.num_frames.disabled = self.fps.disabled = interpolating

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -82,6 +83,7 @@ def test_text_control_uses_only_clips_that_can_take_every_other_motion(data):
 
 def test_a_whole_run_on_a_toy_model_scores_every_bar_and_writes_its_table(data, tmp_path):
     components = build_tiny_components(seed=0)
+    components.config = dataclasses.replace(components.config, task_sampler={"i2v": {"strength": 0.5}})
     model = components.save_pretrained(tmp_path / "model")
     torch.manual_seed(0)
     attach_lora(components.unet, rank=2)
@@ -101,6 +103,7 @@ def test_a_whole_run_on_a_toy_model_scores_every_bar_and_writes_its_table(data, 
     table = write_quality_bars(results, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "quality_bars.json").read_text())["total"] == 16
     assert table.read_text().count("\n| ") == 16 + 2  # header, separator, one row per bar
+    assert "; for i2v: strength=0.5." in table.read_text()  # the model's own i2v setting was used and is said
 
 
 def test_a_missing_lora_is_named_before_any_work(data, tmp_path):

@@ -232,3 +232,20 @@ def test_the_models_recommended_sampler_settings_apply_unless_a_call_names_its_o
     assert not np.allclose(other, by_default)
     with pytest.raises(ValueError, match="unknown settings \\['steps'\\]"):
         RDTFConfig(sampler={"steps": 10})
+
+
+def test_a_task_can_have_its_own_recommended_settings(tmp_path):
+    components = build_tiny_components(seed=0)
+    components.config = dataclasses.replace(components.config, sampler={"num_inference_steps": 2, "strength": 0.4},
+                                            task_sampler={"i2v": {"strength": 1.0}})
+    pipe = RDTFPipeline.from_pretrained(components.save_pretrained(tmp_path / "m"))
+    assert pipe.sampler_settings_for("i2v")["strength"] == 1.0
+    assert pipe.sampler_settings_for("it2v")["strength"] == pipe.sampler_settings["strength"] == 0.4
+    image = np.full((16, 16, 3), 120, np.uint8)
+    i2v = pipe.generate(image=image, num_frames=4, progress=False)  # task inferred: image, no prompt
+    np.testing.assert_array_equal(i2v, pipe.generate(image=image, task="i2v", num_frames=4, progress=False, strength=1.0))
+    assert not np.allclose(i2v, pipe.generate(image=image, task="i2v", num_frames=4, progress=False, strength=0.4))
+    with pytest.raises(ValueError, match="task_sampler: unknown tasks \\['dance'\\]"):
+        RDTFConfig(task_sampler={"dance": {"strength": 1.0}})
+    with pytest.raises(ValueError, match="task_sampler.i2v: unknown settings \\['steps'\\]"):
+        RDTFConfig(task_sampler={"i2v": {"steps": 10}})

@@ -22,7 +22,7 @@ from rdtf.train import CARD_NAME, LOG_NAME
 
 TOY = dict(count=40, size=32, vae_channels=[8, 16], latent_channels=6, vae_steps=3, vae_batch_size=4, unet_channels=[8, 16],
            text_width=8, unet_steps=3, batch_size=2, lora_steps=2, lora_rank=2, validate_every=3,
-           sampler_strengths=[1.0, 0.5], sampler_decodes=["direct", "residual"], sampler_step_counts=[1, 2], sampler_step_tolerance_db=100.0, sampler_text_guidance=[1.0, 3.0], sampler_image_guidance=[1.0], sampler_clips=2)
+           sampler_strengths=[1.0, 0.5], sampler_decodes=["direct", "residual"], sampler_step_counts=[1, 2], sampler_step_tolerance_db=100.0, sampler_text_guidance=[1.0, 3.0], sampler_image_guidance=[1.0], sampler_clips=2, sampler_i2v_strengths=[1.0, 0.5], sampler_i2v_clips=2)
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,9 @@ def test_the_recipe_ships_a_model_with_its_record_and_a_lora(built):
     best_strength, best_decode = max(by_start, key=by_start.get).split()
     assert (sweep["chosen"]["strength"], sweep["chosen"]["decode"]) == (float(best_strength), best_decode)
     assert recommended == sweep["chosen"] and recommended["num_inference_steps"] == 1  # any count is within 100 dB
+    assert set(sweep["i2v"]["by_strength"]) == {"1", "0.5"} and sweep["i2v"]["chosen_strength"] in (1.0, 0.5)
+    i2v = RDTFPipeline.from_pretrained(model).sampler_settings_for("i2v")
+    assert i2v == {**recommended, "strength": sweep["i2v"]["chosen_strength"]}
     card = json.loads((lora / CARD_NAME).read_text())
     assert card["config"]["only_motions"] == ["spin"] and card["base"] == str(model)
     assert not list(model.parent.glob(".tmp-*")), "no staging folder may be left behind"
@@ -88,6 +91,20 @@ def test_new_sweep_settings_rerun_only_the_sweep(built):
     assert json.loads((model / TRAINING_DIR / RECIPE_NAME).read_text())["sampler_decodes"] == ["residual"]
     recommended = RDTFPipeline.from_pretrained(model).sampler_settings
     assert (recommended["strength"], recommended["decode"]) == (0.5, "residual")
+
+
+def test_new_i2v_sweep_settings_rerun_only_the_i2v_sweep(built):
+    root, model, _ = built
+    main = {**TOY, "sampler_strengths": [0.5], "sampler_decodes": ["residual"]}  # as the test above left it
+    build_tiny_model(TinyRecipe(**main), root / "work", root / "assets" / "toy", progress=False)
+    before = json.loads((model / TRAINING_DIR / SWEEP_NAME).read_text())
+    build_tiny_model(TinyRecipe(**{**main, "sampler_i2v_strengths": [0.7]}), root / "work", root / "assets" / "toy",
+                     progress=False)
+    after = json.loads((model / TRAINING_DIR / SWEEP_NAME).read_text())
+    assert {k: v for k, v in after.items() if k != "i2v"} == {k: v for k, v in before.items() if k != "i2v"}
+    assert set(after["i2v"]["by_strength"]) == {"0.7"}
+    pipe = RDTFPipeline.from_pretrained(model)
+    assert pipe.sampler_settings_for("i2v")["strength"] == 0.7 and pipe.sampler_settings["strength"] == 0.5
 
 
 def test_stop_after_runs_only_the_early_stages(tmp_path):

@@ -272,6 +272,19 @@ def test_sampler_controls_start_at_the_models_settings_and_steer_generation(stud
     assert not np.array_equal(from_noise.frames, from_the_sticker.frames)
 
 
+def test_changing_task_moves_the_settings_the_model_recommends_per_task(dataset, tmp_path):
+    components = tiny_components()
+    components.config = dataclasses.replace(components.config, sampler={"strength": 0.3},
+                                            task_sampler={"i2v": {"strength": 0.9}})
+    ui = StickerStudio(RDTFPipeline(components), dataset=dataset, export_dir=tmp_path, progress=False)
+    assert ui.task.value == "it2v" and ui.strength.value == 0.3
+    ui.text_guidance.value = 5.0  # the user's own choice stays
+    ui.task.value = "i2v"
+    assert ui.strength.value == 0.9 and ui.text_guidance.value == 5.0
+    ui.task.value = "interpolation"
+    assert ui.strength.value == 0.3
+
+
 def test_picking_a_sample_fills_the_prompt_and_generate_shows_result_beside_ground_truth(studio, dataset):
     studio.sample.value = 1
     row = dataset.rows[1]
