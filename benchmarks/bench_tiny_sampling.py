@@ -69,7 +69,9 @@ def main() -> None:
             rows.append((threads, name, cold, statistics.median(warm), min(warm)))
             print(rows[-1], flush=True)
 
-    settings = ", ".join(f"{k}={v}" for k, v in pipe.sampler_settings.items())
+    settings = ", ".join(f"{k}={v}" for k, v in pipe.sampler_settings.items()) + "".join(
+        f"; for {task}: " + ", ".join(f"{k}={v}" for k, v in changes.items())
+        for task, changes in pipe.components.config.task_sampler.items())
     lines = [
         "# Embedded model sampling time (one 8-frame 64x64 sticker)",
         "",

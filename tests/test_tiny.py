@@ -17,12 +17,13 @@ from rdtf.tiny import (
     TinyRecipe,
     build_tiny_model,
     fewest_steps_within,
+    most_lifelike,
 )
 from rdtf.train import CARD_NAME, LOG_NAME
 
 TOY = dict(count=40, size=32, vae_channels=[8, 16], latent_channels=6, vae_steps=3, vae_batch_size=4, unet_channels=[8, 16],
            text_width=8, unet_steps=3, batch_size=2, lora_steps=2, lora_rank=2, validate_every=3,
-           sampler_strengths=[1.0, 0.5], sampler_decodes=["direct", "residual"], sampler_step_counts=[1, 2], sampler_step_tolerance_db=100.0, sampler_text_guidance=[1.0, 3.0], sampler_image_guidance=[1.0], sampler_clips=2, sampler_i2v_strengths=[1.0, 0.5], sampler_i2v_clips=2)
+           sampler_strengths=[1.0, 0.5], sampler_decodes=["direct", "residual"], sampler_step_counts=[1, 2], sampler_step_tolerance_db=100.0, sampler_text_guidance=[1.0, 3.0], sampler_image_guidance=[1.0], sampler_clips=2, sampler_i2v_strengths=[1.0, 0.5], sampler_i2v_decodes=["direct"], sampler_i2v_clips=2)
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +50,10 @@ def test_the_recipe_ships_a_model_with_its_record_and_a_lora(built):
     best_strength, best_decode = max(by_start, key=by_start.get).split()
     assert (sweep["chosen"]["strength"], sweep["chosen"]["decode"]) == (float(best_strength), best_decode)
     assert recommended == sweep["chosen"] and recommended["num_inference_steps"] == 1  # any count is within 100 dB
-    assert set(sweep["i2v"]["by_strength"]) == {"1", "0.5"} and sweep["i2v"]["chosen_strength"] in (1.0, 0.5)
+    i2v_scores = sweep["i2v"]["by_strength_and_decode"]
+    assert set(i2v_scores) == {"1 direct", "0.5 direct"} and all(np.isfinite(s["psnr"]) for s in i2v_scores.values())
     i2v = RDTFPipeline.from_pretrained(model).sampler_settings_for("i2v")
-    assert i2v == {**recommended, "strength": sweep["i2v"]["chosen_strength"]}
+    assert i2v == {**recommended, **sweep["i2v"]["chosen"]}
     card = json.loads((lora / CARD_NAME).read_text())
     assert card["config"]["only_motions"] == ["spin"] and card["base"] == str(model)
     assert not list(model.parent.glob(".tmp-*")), "no staging folder may be left behind"
@@ -98,11 +100,13 @@ def test_new_i2v_sweep_settings_rerun_only_the_i2v_sweep(built):
     main = {**TOY, "sampler_strengths": [0.5], "sampler_decodes": ["residual"]}  # as the test above left it
     build_tiny_model(TinyRecipe(**main), root / "work", root / "assets" / "toy", progress=False)
     before = json.loads((model / TRAINING_DIR / SWEEP_NAME).read_text())
-    build_tiny_model(TinyRecipe(**{**main, "sampler_i2v_strengths": [0.7]}), root / "work", root / "assets" / "toy",
-                     progress=False)
+    build_tiny_model(TinyRecipe(**{**main, "sampler_i2v_strengths": [0.7], "sampler_i2v_decodes": ["residual"]}),
+                     root / "work", root / "assets" / "toy", progress=False)
     after = json.loads((model / TRAINING_DIR / SWEEP_NAME).read_text())
     assert {k: v for k, v in after.items() if k != "i2v"} == {k: v for k, v in before.items() if k != "i2v"}
-    assert set(after["i2v"]["by_strength"]) == {"0.7"}
+    assert set(after["i2v"]["by_strength_and_decode"]) == {"0.7 residual"}
+    config = json.loads((model / "rdtf_config.json").read_text())
+    assert config["task_sampler"] == {"i2v": {"strength": 0.7}}  # residual is already every task's decode
     pipe = RDTFPipeline.from_pretrained(model)
     assert pipe.sampler_settings_for("i2v")["strength"] == 0.7 and pipe.sampler_settings["strength"] == 0.5
 
@@ -121,3 +125,18 @@ def test_the_recommended_step_count_is_the_fewest_within_the_tolerance():
     assert fewest_steps_within(curve, 0.1) == 8
     assert fewest_steps_within(curve, 0.0) == 10
     assert fewest_steps_within(curve, 1.0) == 6
+
+
+def test_i2v_gets_the_most_moving_sharp_setting_that_keeps_the_stickers_look():
+    scores = {  # rdtf-tiny v2 on val clips, rounded: from pure noise it moves but loses the sticker
+        "1 direct": {"psnr": 13.6, "moving": 1.0, "sharpness": 0.86},
+        "0.8 direct": {"psnr": 15.2, "moving": 0.5, "sharpness": 0.94},
+        "0.6 direct": {"psnr": 15.9, "moving": 0.25, "sharpness": 0.96},
+        "0.6 residual": {"psnr": 15.9, "moving": 0.19, "sharpness": 0.97},
+        "0.2 direct": {"psnr": 16.6, "moving": 0.0, "sharpness": 0.95},
+    }
+    assert most_lifelike(scores, max_psnr_drop_db=1.0) == "0.6 direct"
+    assert most_lifelike(scores, max_psnr_drop_db=5.0) == "1 direct"
+    assert most_lifelike(scores, max_psnr_drop_db=0.0) == "0.2 direct"
+    blurred = {**scores, "0.6 direct": {"psnr": 15.9, "moving": 0.25, "sharpness": 0.5}}
+    assert most_lifelike(blurred, max_psnr_drop_db=1.0) == "0.6 residual"  # sharp beats moving
