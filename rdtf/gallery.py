@@ -116,9 +116,9 @@ def build_gallery(
             bar.set_postfix_str(item["key"])
             shown.append(_render_clip(pipeline, item, out, "en" if number % 2 == 0 else "zh", sampler, bar))
 
-    settings = f"seed {seed}; " + _describe({**pipeline.sampler_settings_for("it2v"), **given})
-    i2v = {**pipeline.sampler_settings_for("i2v"), **given}
-    if i2v != {**pipeline.sampler_settings_for("it2v"), **given}:
+    it2v, i2v = ({**pipeline.sampler_settings_for(task), **given} for task in ("it2v", "i2v"))
+    settings = f"seed {seed}; " + _describe(it2v)
+    if i2v != it2v:
         settings += f"; static sticker → animated: {_describe(i2v)}"
     flags = []  # only the settings given: the rest come from the model's config, as above
     for flag, value in (("steps", num_inference_steps), ("scheduler", scheduler), ("text-guidance", text_guidance),
