@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from rdtf.data import MANIFEST_FILE, SETTINGS_FILE, StickerDataset
-from rdtf.models import Components, encode_frames, encode_image_embeddings, encode_text
+from rdtf.models import RDTF_CONFIG_NAME, SAMPLING_ONLY_CONFIG, Components, encode_frames, encode_image_embeddings, encode_text
 
 CACHE_FORMAT = "rdtf-encoder-cache-1"
 ITEMS_PER_SHARD = 256
@@ -70,14 +70,22 @@ def _file_digest(path: Path) -> str:
 
 
 def encoder_fingerprint(model_root: str | Path) -> str:
-    """Hash of every encoder file of a model folder (not the UNet: training changes only that)."""
+    """Hash of every encoder file of a model folder and of how they are used.
+
+    Not the UNet (training changes only that), nor the recommended sampler settings in
+    ``rdtf_config.json``: a new recommendation must not throw away a cache of the same encodings.
+    """
     root = Path(model_root)
     digest = hashlib.sha256()
     for folder in ENCODER_DIRS:
         for path in sorted((root / folder).rglob("*")) if (root / folder).is_dir() else []:
             if path.is_file():
                 digest.update(f"{path.relative_to(root)}:{_file_digest(path)}".encode())
-    digest.update((root / "rdtf_config.json").read_bytes() if (root / "rdtf_config.json").is_file() else b"")
+    config_file = root / RDTF_CONFIG_NAME
+    if config_file.is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        encoding = {key: value for key, value in config.items() if key not in SAMPLING_ONLY_CONFIG}
+        digest.update(json.dumps(encoding, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 

@@ -53,6 +53,8 @@ from rdtf.masks import TASKS
 from rdtf.tokenizer import build_byte_tokenizer, build_char_tokenizer, tokenize
 
 RDTF_CONFIG_NAME = "rdtf_config.json"
+#: rdtf_config.json fields that only steer sampling (not what any component computes)
+SAMPLING_ONLY_CONFIG = ("sampler", "task_sampler")
 TEXT_PROJECTION_DIR = "text_projection"
 TEXT_ENCODER_KINDS = ("clip", "chinese_clip", "byte_clip")
 #: The first convs of the two image-latent branches; with a mask channel they read 5 channels.
@@ -305,6 +307,7 @@ def build_tiny_components(
     text_width: int = 8,
     cross_attention_dim: int | None = None,
     text_layers: int = 2,
+    attention_head_dim: int = 4,
     image_size: int = 32,
     num_frames: int = 8,
     sample_size: int = 16,
@@ -322,7 +325,9 @@ def build_tiny_components(
     schedule; epsilon models a plain one (zero SNR needs v-prediction).
     ``cross_attention_dim`` defaults to ``text_width``; when they differ a projection maps
     text hidden states into cross-attention. ``latent_channels`` other than 4 need the mask
-    channel (see :func:`add_mask_channel`).
+    channel (see :func:`add_mask_channel`). ``attention_head_dim`` is the I2VGen-XL UNet's
+    config value of that name (the width of each UNet attention head, and of each of the
+    8 heads of its first temporal transformer).
     """
     if latent_channels != 4 and not mask_channel:
         raise ValueError(f"latent_channels={latent_channels}: only 4 works without the mask channel")
@@ -346,7 +351,7 @@ def build_tiny_components(
         down_block_types=("CrossAttnDownBlock3D",) * (n_blocks - 1) + ("DownBlock3D",),
         up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * (n_blocks - 1),
         cross_attention_dim=context_dim,
-        attention_head_dim=4,
+        attention_head_dim=attention_head_dim,
         norm_num_groups=groups,
     )
     if mask_channel:

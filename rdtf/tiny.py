@@ -72,6 +72,9 @@ class TinyRecipe:
     vae_gradient_weight: float = 0.5
     # model
     unet_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    # width of each UNet attention head (diffusers' I2VGen-XL config value): v2's 4 gives 8-16 heads of
+    # 4 numbers each, slow on CPU (benchmarks/results/attention_heads.md)
+    unet_attention_head_dim: int = 4
     text_width: int = 32
     # frames to generate start from the given latents interpolated in time (see rdtf.conditioning)
     condition_fill: str = "interpolate"
@@ -205,7 +208,7 @@ def build_tiny_model(
         components = build_tiny_components(
             recipe.seed, unet_channels=recipe.unet_channels, vae_channels=recipe.vae_channels,
             text_width=recipe.text_width, num_frames=recipe.num_frames, latent_channels=recipe.latent_channels,
-            condition_fill=recipe.condition_fill,
+            condition_fill=recipe.condition_fill, attention_head_dim=recipe.unet_attention_head_dim,
             sample_size=recipe.size // 2 ** (len(recipe.vae_channels) - 1),
         )
         trained_vae = AutoencoderKL.from_pretrained(vae_run / VAE_DIR, use_safetensors=True)

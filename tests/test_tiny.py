@@ -22,7 +22,7 @@ from rdtf.tiny import (
 from rdtf.train import CARD_NAME, LOG_NAME
 
 TOY = dict(count=40, size=32, vae_channels=[8, 16], latent_channels=6, vae_steps=3, vae_batch_size=4, unet_channels=[8, 16],
-           text_width=8, unet_steps=3, batch_size=2, lora_steps=2, lora_rank=2, validate_every=3,
+           unet_attention_head_dim=8, text_width=8, unet_steps=3, batch_size=2, lora_steps=2, lora_rank=2, validate_every=3,
            sampler_strengths=[1.0, 0.5], sampler_decodes=["direct", "residual"], sampler_step_counts=[1, 2], sampler_step_tolerance_db=100.0, sampler_text_guidance=[1.0, 3.0], sampler_image_guidance=[1.0], sampler_clips=2, sampler_i2v_strengths=[1.0, 0.5], sampler_i2v_decodes=["direct"], sampler_i2v_clips=2)
 
 
@@ -117,6 +117,8 @@ def test_stop_after_runs_only_the_early_stages(tmp_path):
     assert not (tmp_path / "work").exists()
     build_tiny_model(TinyRecipe(**TOY), tmp_path / "work", tmp_path / "toy", progress=False, stop_after="init")
     assert (tmp_path / "work" / "init" / "unet").is_dir() and (tmp_path / "work" / "vae" / "vae").is_dir()
+    unet_config = json.loads((tmp_path / "work" / "init" / "unet" / "config.json").read_text())
+    assert unet_config["attention_head_dim"] == TOY["unet_attention_head_dim"]
     assert not (tmp_path / "work" / "base").exists() and not (tmp_path / "toy").exists()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -17,9 +18,10 @@ from built_in import built_in_dataset
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from safetensors.torch import load_file
 
+from rdtf.cache import encoder_fingerprint
 from rdtf.data import prepare_dataset
 from rdtf.lora import load_lora
-from rdtf.models import build_tiny_components, encode_text, load_components
+from rdtf.models import RDTF_CONFIG_NAME, build_tiny_components, encode_text, load_components
 from rdtf.pipeline import RDTFPipeline
 from rdtf.train import (
     CARD_NAME,
@@ -101,6 +103,18 @@ def test_cache_is_rebuilt_when_the_encoders_change(workspace, tmp_path):
     train(_config(workspace, "other", base=str(other), max_steps=1, validate_every=99, cache_dir=str(tmp_path / "c")))
     train(_config(workspace, "same", max_steps=1, validate_every=99, cache_dir=str(tmp_path / "c")))
     assert len(list((tmp_path / "c").iterdir())) == 2
+
+
+def test_cache_is_kept_when_only_the_recommended_sampler_changes(workspace, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(workspace / "model", model)
+    config_file = model / RDTF_CONFIG_NAME
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    before = encoder_fingerprint(model)
+    config_file.write_text(json.dumps({**config, "sampler": {"strength": 0.5}, "task_sampler": {"i2v": {"strength": 0.8}}}))
+    assert encoder_fingerprint(model) == before
+    config_file.write_text(json.dumps({**config, "max_text_length": config["max_text_length"] - 1}))
+    assert encoder_fingerprint(model) != before
 
 
 def _run_in_subprocess(config: TrainConfig) -> subprocess.Popen:
