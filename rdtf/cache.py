@@ -131,7 +131,12 @@ def build_cache(
         save_file({"empty_text": empty.contiguous()}, staging / "empty_text.safetensors")
         index = {"format": CACHE_FORMAT, "items": count, "items_per_shard": ITEMS_PER_SHARD, "shards": shard_names}
         (staging / "index.json").write_text(json.dumps(index, indent=1), encoding="utf-8")
-        os.replace(staging, folder)
+        try:
+            os.replace(staging, folder)
+        except OSError:
+            if not (folder / "index.json").is_file():
+                raise
+            shutil.rmtree(staging)  # another run built the same encodings meanwhile: use theirs
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

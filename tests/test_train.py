@@ -18,8 +18,8 @@ from built_in import built_in_dataset
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from safetensors.torch import load_file
 
-from rdtf.cache import encoder_fingerprint
-from rdtf.data import prepare_dataset
+from rdtf.cache import build_cache, encoder_fingerprint
+from rdtf.data import StickerDataset, prepare_dataset
 from rdtf.lora import load_lora
 from rdtf.models import RDTF_CONFIG_NAME, build_tiny_components, encode_text, load_components
 from rdtf.pipeline import RDTFPipeline
@@ -115,6 +115,25 @@ def test_cache_is_kept_when_only_the_recommended_sampler_changes(workspace, tmp_
     assert encoder_fingerprint(model) == before
     config_file.write_text(json.dumps({**config, "max_text_length": config["max_text_length"] - 1}))
     assert encoder_fingerprint(model) != before
+
+
+def test_a_cache_finished_by_another_run_meanwhile_is_used(workspace, tmp_path):
+    """Two runs that start at once both encode; the slower one must take the finished cache, not fail."""
+    components = load_components(workspace / "model")
+    dataset = StickerDataset(workspace / "data")
+    theirs = build_cache(components, dataset, tmp_path / "theirs", "same-encoders", progress=False)
+    target = tmp_path / "ours" / theirs.name
+
+    class FinishedMeanwhile(StickerDataset):
+        def __getitem__(self, index):
+            if not target.exists():
+                shutil.copytree(theirs, target)
+            return super().__getitem__(index)
+
+    folder = build_cache(components, FinishedMeanwhile(workspace / "data"), tmp_path / "ours", "same-encoders",
+                         progress=False)
+    assert folder == target and (folder / "index.json").is_file()
+    assert [p.name for p in (tmp_path / "ours").iterdir()] == [target.name]  # our staging folder is gone
 
 
 def _run_in_subprocess(config: TrainConfig) -> subprocess.Popen:
