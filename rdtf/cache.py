@@ -24,7 +24,14 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from rdtf.data import MANIFEST_FILE, SETTINGS_FILE, StickerDataset
-from rdtf.models import RDTF_CONFIG_NAME, SAMPLING_ONLY_CONFIG, Components, encode_frames, encode_image_embeddings, encode_text
+from rdtf.models import (
+    RDTF_CONFIG_NAME,
+    SAMPLING_ONLY_CONFIG,
+    Components,
+    encode_frames,
+    encode_image_embeddings,
+    encode_text,
+)
 
 CACHE_FORMAT = "rdtf-encoder-cache-1"
 ITEMS_PER_SHARD = 256
