@@ -73,7 +73,7 @@ class TinyRecipe:
     # model
     unet_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     # width of each UNet attention head (diffusers' I2VGen-XL config value): v2's 4 gives 8-16 heads of
-    # 4 numbers each, slow on CPU (benchmarks/results/attention_heads.md)
+    # 4 numbers each; 16 trains 1.35x faster on CPU (benchmarks/results/attention_heads.md)
     unet_attention_head_dim: int = 4
     text_width: int = 32
     # frames to generate start from the given latents interpolated in time (see rdtf.conditioning)
