@@ -73,7 +73,8 @@ def main() -> None:
 
     times: dict[int, dict[str, list[float]]] = {h: {"train": [], "sample": []} for h in unets}
     for head_dim in unets:  # warm-up: first calls allocate and pick kernels
-        train_step(head_dim), sample_step(head_dim)
+        train_step(head_dim)
+        sample_step(head_dim)
     for _ in range(args.repeats):
         for head_dim in unets:
             times[head_dim]["train"].append(_seconds(train_step, head_dim))
@@ -97,7 +98,7 @@ def main() -> None:
     ]
     for head_dim, unet in unets.items():
         parameters = sum(p.numel() for p in unet.parameters())
-        heads = f"{max(1, 32 // head_dim)} / {max(1, 64 // head_dim)}"
+        heads = " / ".join(str(max(1, width // head_dim)) for width in unet.config.block_out_channels[:2])
         speed = median[base]["train"] / median[head_dim]["train"]
         lines.append(f"| {head_dim} | {heads} | {parameters / 1e6:.2f} M | {median[head_dim]['train']:.2f} "
                      f"| {median[head_dim]['sample']:.3f} | {speed:.2f}x |")
