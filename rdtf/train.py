@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from rdtf import checkpoint as ckpt
 from rdtf.cache import CachedClips, build_cache, encode_items, encoder_fingerprint
 from rdtf.conditioning import conditioning_latents
-from rdtf.curriculum import CURRICULA, TaskCurriculum
+from rdtf.curriculum import CURRICULA, TASK_GROUP, TaskCurriculum
 from rdtf.data import MANIFEST_FILE, StickerDataset
 from rdtf.io import write_atomic
 from rdtf.lora import LORA_PRESETS, attach_lora, save_lora
@@ -104,6 +104,9 @@ class TrainConfig:
     offset_noise: float = 0.0
     snr_gamma: float | None = None  # min-SNR weighting (e.g. 5.0); None = plain MSE
     snr_gamma_steps: int | None = None  # min-SNR only for the first N steps, plain MSE after (None: all)
+    # > 1: the generation tasks (i2v, it2v, t2v) draw more high-noise timesteps, where their motion is
+    # decided; tasks that refine given frames keep uniform ones (see sample_timesteps)
+    timestep_shift: float = 1.0
     ema_decay: float | None = None
     # precompute cache
     cache: bool = True
@@ -145,6 +148,8 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1]")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"learning_rate={self.learning_rate}: must be a finite number > 0")
+        if not (math.isfinite(self.timestep_shift) and self.timestep_shift >= 1):
+            raise ValueError(f"timestep_shift={self.timestep_shift}: must be a finite number >= 1 (1 = uniform)")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f"snr_gamma={self.snr_gamma}: must be > 0 (or None)")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
@@ -256,6 +261,25 @@ def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> to
     if scheduler.config.prediction_type == "v_prediction":
         return clipped / (snr + 1)
     return clipped / snr.clamp(min=1e-8)
+
+
+def sample_timesteps(
+    count: int, num_train_timesteps: int, shift: float | torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """Training timesteps: uniform, or where ``shift > 1`` (a number or one per example) pushed toward
+    pure noise by ``s·u / (1 + (s−1)·u)``.
+
+    The shift of SD3 and of the large video models: with many latents per clip the content is
+    still visible through moderate noise, so only the noisiest steps must invent the motion
+    from the caption and the given frame, and uniform sampling spends few examples there.
+    With no shift anywhere the draw is the uniform stream of runs from before the shift existed.
+    """
+    shift = torch.as_tensor(shift, dtype=torch.float32).expand(count)
+    if bool((shift == 1).all()):
+        return torch.randint(0, num_train_timesteps, (count,), generator=generator)
+    uniform = torch.rand(count, generator=generator)
+    shifted = shift * uniform / (1 + (shift - 1) * uniform)
+    return (shifted * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
 
 
 def diffusion_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -502,8 +526,8 @@ def train(config: TrainConfig) -> Path:
             noise = torch.randn(latents.shape, generator=generator).to(device)
             if config.offset_noise:
                 noise += config.offset_noise * torch.randn((*latents.shape[:2], 1, 1, 1), generator=generator).to(device)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (size,), generator=generator)
-            timesteps = timesteps.to(device)
+            shift = torch.tensor([config.timestep_shift if TASK_GROUP[task] == "generation" else 1.0 for task in tasks])
+            timesteps = sample_timesteps(size, noise_scheduler.config.num_train_timesteps, shift, generator).to(device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             target = diffusion_target(noise_scheduler, latents, noise, timesteps)
             fps = batch["fps"].to(device).float()

@@ -37,6 +37,7 @@ from rdtf.train import (
     TrainConfig,
     TrainingError,
     enable_block_checkpointing,
+    sample_timesteps,
     text_influence,
     train,
 )
@@ -271,6 +272,7 @@ def test_gradient_checkpointing_gives_the_plain_gradients():
         ({"batch_size": 64}, "cannot fill one batch"),
         ({"mixed_precision": "fp8"}, "mixed_precision='fp8'"),
         ({"train_text_encoder": True}, "needs mode='full'"),
+        ({"timestep_shift": 0.5}, "timestep_shift=0.5"),
     ],
 )
 def test_bad_settings_are_named(workspace, overrides, message):
@@ -332,6 +334,30 @@ def test_min_snr_weighting_stops_after_snr_gamma_steps(workspace):
     assert switched[0] == pytest.approx(weighted[0]) and weighted[0] != pytest.approx(plain[0])
     never = _logged_losses(train(_config(workspace, "snr-0", max_steps=3, snr_gamma=5.0, snr_gamma_steps=0)))
     assert never == pytest.approx(plain)
+
+
+def test_timestep_shift_draws_noisier_steps_and_1_is_the_uniform_stream():
+    def draw(shift: float) -> torch.Tensor:
+        return sample_timesteps(20_000, 1000, shift, torch.Generator().manual_seed(0))
+
+    uniform = torch.randint(0, 1000, (20_000,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(draw(1.0), uniform)  # runs without a shift resume exactly as before it existed
+    shifted = draw(5.0)
+    assert shifted.dtype == torch.long and 0 <= int(shifted.min()) and int(shifted.max()) <= 999
+    # s·u / (1 + (s−1)·u) >= 0.7  <=>  u >= 0.7 / (s − 0.7·(s−1)) = 0.318 for s = 5
+    assert float((shifted >= 700).float().mean()) == pytest.approx(1 - 0.7 / 2.2, abs=0.01)
+    assert float((uniform >= 700).float().mean()) == pytest.approx(0.3, abs=0.01)
+    per_example = sample_timesteps(20_000, 1000, torch.tensor([5.0, 1.0]).repeat(10_000), torch.Generator())
+    assert float(per_example[0::2].float().mean()) > 650 > 550 > float(per_example[1::2].float().mean())
+
+
+def test_timestep_shift_reaches_the_generation_tasks_only(workspace):
+    def losses(tasks: list[str], out: str, **shift) -> list[float]:
+        return _logged_losses(train(_config(workspace, out, max_steps=2, tasks=tasks, **shift)))
+
+    assert losses(["it2v"], "shift-it2v", timestep_shift=5.0)[0] != pytest.approx(losses(["it2v"], "plain-it2v")[0])
+    refine = ["interpolation"]
+    assert losses(refine, "shift-interp", timestep_shift=5.0) == pytest.approx(losses(refine, "plain-interp"))
 
 
 def test_ema_warms_up_so_the_random_start_fades_out():
