@@ -86,8 +86,9 @@ class TinyRecipe:
     # trained with it never learns to start sampling from its conditioning (v0 used it for 600 steps).
     snr_gamma: float | None = None
     snr_gamma_steps: int | None = None
-    # > 1 draws more high-noise timesteps for i2v, it2v and t2v (rdtf.train.sample_timesteps): on two
-    # motions, 5 made v2 prefer its own caption at t = 999 in 30/32 and 25/32 cases (en/zh; uniform: 25, 18)
+    # > 1 draws more high-noise timesteps for i2v, it2v and t2v (rdtf.train.sample_timesteps). 200 CPU steps
+    # from v2 with 5: on two motions it preferred its own caption at t = 999 in 30/32 and 25/32 cases
+    # (en/zh; uniform: 25, 18); on every motion, after 150 steps, still at chance
     unet_timestep_shift: float = 1.0
     ema_decay: float | None = 0.999
     gpu_mixed_precision: str = "bf16"  # autocast for both training stages when they run on a GPU (CPU: fp32)
