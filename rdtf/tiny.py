@@ -6,7 +6,8 @@ would run by hand:
 1. ``synth`` + ``prepare``: the built-in sticker set (one motion held out of base training);
 2. ``train-vae``: the tiny VAE on the training frames;
 3. a randomly initialised I2VGen-XL-architecture model around that VAE (byte-level CLIP text
-   tower that reads Chinese and English, toy image encoder, tiny 3-D UNet with the mask channel);
+   tower that reads Chinese and English, toy image encoder, tiny 3-D UNet with the mask channel),
+   whose text tower is then pretrained to read the training captions (:mod:`rdtf.text_tower`);
 4. ``train --mode full``: the UNet on every task, every motion but the held-out one;
 5. ``train --mode lora``: a short LoRA on the held-out motion only (the fine-tuning demo);
 6. the recommended sampler settings: a small guidance grid scored on val clips, the best
@@ -45,6 +46,8 @@ from rdtf.io import write_atomic
 from rdtf.models import RDTF_CONFIG_NAME, build_tiny_components
 from rdtf.pipeline import RDTFPipeline
 from rdtf.synthetic import build_sticker_set
+from rdtf.text_tower import METRICS_NAME as TEXT_TOWER_METRICS_NAME
+from rdtf.text_tower import pretrain_text_tower
 from rdtf.train import CARD_NAME, LOG_NAME, MODEL_DIR, TrainConfig, train
 
 RECIPE_NAME = "rdtf_recipe.json"
@@ -76,6 +79,8 @@ class TinyRecipe:
     # 4 numbers each; 16 trains 1.35x faster on CPU (benchmarks/results/attention_heads.md)
     unet_attention_head_dim: int = 4
     text_width: int = 32
+    # steps of text-tower pretraining (rdtf.text_tower) before the UNet trains; v2: 0, its tower stayed random
+    text_tower_steps: int = 0
     # frames to generate start from the given latents interpolated in time (see rdtf.conditioning)
     condition_fill: str = "interpolate"
     # base training (every task, every motion but the held-out one)
@@ -215,8 +220,18 @@ def build_tiny_model(
             condition_fill=recipe.condition_fill, attention_head_dim=recipe.unet_attention_head_dim,
             sample_size=recipe.size // 2 ** (len(recipe.vae_channels) - 1),
         )
-        trained_vae = AutoencoderKL.from_pretrained(vae_run / VAE_DIR, use_safetensors=True)
-        dataclasses.replace(components, vae=trained_vae).save_pretrained(init)
+        components = dataclasses.replace(
+            components, vae=AutoencoderKL.from_pretrained(vae_run / VAE_DIR, use_safetensors=True))
+        if recipe.text_tower_steps:
+            def seen(row: dict[str, Any]) -> bool:
+                return row["motion"] != recipe.holdout_motion
+
+            metrics = pretrain_text_tower(
+                components, StickerDataset(data, split="train", predicate=seen),
+                StickerDataset(data, split="val", predicate=seen), steps=recipe.text_tower_steps, seed=recipe.seed,
+                progress=progress)
+            write_atomic(work / TEXT_TOWER_METRICS_NAME, json.dumps(metrics, indent=2).encode("utf-8"))
+        components.save_pretrained(init)
     if stop_after == "init":
         return model_out, lora_out
 
@@ -233,7 +248,7 @@ def build_tiny_model(
         staged = work / "shipped-model"
         shutil.rmtree(staged, ignore_errors=True)
         shutil.copytree(base_run / MODEL_DIR, staged)
-        _copy_training_record(recipe, staged / TRAINING_DIR, base_run, vae_run)
+        _copy_training_record(recipe, staged / TRAINING_DIR, base_run, vae_run, work / TEXT_TOWER_METRICS_NAME)
         _copy_into_place(staged, model_out)
         shutil.rmtree(staged)
     if stop_after == "base":
@@ -382,10 +397,13 @@ def fewest_steps_within(psnr_by_steps: dict[int, float], tolerance_db: float) ->
     return min(steps for steps, psnr in psnr_by_steps.items() if psnr >= good_enough)
 
 
-def _copy_training_record(recipe: TinyRecipe, record: Path, base_run: Path, vae_run: Path) -> None:
-    """The recipe, the UNet's card and log, and the VAE's metrics, shipped next to the weights."""
+def _copy_training_record(recipe: TinyRecipe, record: Path, base_run: Path, vae_run: Path, text_tower: Path) -> None:
+    """The recipe, the UNet's card and log, the VAE's metrics and the text tower's (if pretrained), shipped next to
+    the weights."""
     record.mkdir(parents=True)
     (record / RECIPE_NAME).write_text(json.dumps(recipe.to_dict(), indent=2), encoding="utf-8")
     shutil.copy2(base_run / CARD_NAME, record / CARD_NAME)
     shutil.copy2(base_run / LOG_NAME, record / LOG_NAME)
     shutil.copy2(vae_run / METRICS_NAME, record / METRICS_NAME)
+    if text_tower.exists():
+        shutil.copy2(text_tower, record / text_tower.name)

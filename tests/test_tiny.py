@@ -22,7 +22,7 @@ from rdtf.tiny import (
 from rdtf.train import CARD_NAME, LOG_NAME
 
 TOY = dict(count=40, size=32, vae_channels=[8, 16], latent_channels=6, vae_steps=3, vae_batch_size=4, unet_channels=[8, 16],
-           unet_attention_head_dim=8, text_width=8, unet_steps=3, batch_size=2, lora_steps=2, lora_rank=2, validate_every=3,
+           unet_attention_head_dim=8, text_width=8, text_tower_steps=2, unet_steps=3, batch_size=2, lora_steps=2, lora_rank=2, validate_every=3,
            sampler_strengths=[1.0, 0.5], sampler_decodes=["direct", "residual"], sampler_step_counts=[1, 2], sampler_step_tolerance_db=100.0, sampler_text_guidance=[1.0, 3.0], sampler_image_guidance=[1.0], sampler_clips=2, sampler_i2v_strengths=[1.0, 0.5], sampler_i2v_decodes=["direct"], sampler_i2v_clips=2)
 
 
@@ -40,6 +40,7 @@ def test_the_recipe_ships_a_model_with_its_record_and_a_lora(built):
     assert json.loads((record / RECIPE_NAME).read_text())["unet_steps"] == 3
     assert json.loads((record / CARD_NAME).read_text())["steps"] == 3
     assert (record / LOG_NAME).exists() and (record / "autoencoder_metrics.json").exists()
+    assert json.loads((record / "text_tower_metrics.json").read_text())["steps"] == 2
     sweep = json.loads((record / SWEEP_NAME).read_text())
     assert set(sweep["mean_psnr_db"]) == {"text 1 image 1", "text 3 image 1"}
     recommended = RDTFPipeline.from_pretrained(model).sampler_settings
