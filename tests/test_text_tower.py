@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from built_in import built_in_dataset
+
 from rdtf.data import StickerDataset
 from rdtf.models import build_tiny_components, encode_text
 from rdtf.text_tower import TEXT_TOWER_FIELDS, pretrain_text_tower
