@@ -185,9 +185,9 @@ def build_tiny_model(
     work.mkdir(parents=True, exist_ok=True)
     recorded = work / RECIPE_NAME
     if recorded.exists():
-        before = json.loads(recorded.read_text(encoding="utf-8"))
-        changed = sorted(k for k, v in recipe.to_dict().items()
-                         if k in before and before[k] != v and k not in recipe.sweep_settings())
+        # a field the folder's record lacks is newer than the folder, which was built with its default
+        before = {**TinyRecipe().to_dict(), **json.loads(recorded.read_text(encoding="utf-8"))}
+        changed = sorted(k for k, v in recipe.to_dict().items() if before[k] != v and k not in recipe.sweep_settings())
         if changed:
             raise ValueError(f"{recorded}: this work folder was started with other {changed}; use a new --work-dir")
     write_atomic(recorded, json.dumps(recipe.to_dict(), indent=2).encode("utf-8"))

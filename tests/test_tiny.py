@@ -123,6 +123,21 @@ def test_stop_after_runs_only_the_early_stages(tmp_path):
     assert not (tmp_path / "work" / "base").exists() and not (tmp_path / "toy").exists()
 
 
+def test_a_work_folder_refuses_other_training_choices_even_ones_newer_than_it(tmp_path):
+    build_tiny_model(TinyRecipe(**TOY), tmp_path / "work", tmp_path / "toy", progress=False, stop_after="data")
+    with pytest.raises(ValueError, match=r"other \['vae_steps'\]; use a new --work-dir"):
+        build_tiny_model(TinyRecipe(**{**TOY, "vae_steps": 4}), tmp_path / "work", tmp_path / "toy", progress=False,
+                         stop_after="data")
+    record = tmp_path / "work" / RECIPE_NAME
+    older = {k: v for k, v in json.loads(record.read_text()).items() if k != "text_tower_steps"}
+    record.write_text(json.dumps(older))  # a folder from before the field
+    with pytest.raises(ValueError, match=r"other \['text_tower_steps'\]"):
+        build_tiny_model(TinyRecipe(**{**TOY, "text_tower_steps": 5}), tmp_path / "work", tmp_path / "toy",
+                         progress=False, stop_after="data")
+    build_tiny_model(TinyRecipe(**{**TOY, "text_tower_steps": 0}), tmp_path / "work", tmp_path / "toy", progress=False,
+                     stop_after="data")  # the folder was built with the field's default
+
+
 def test_the_recommended_step_count_is_the_fewest_within_the_tolerance():
     curve = {6: 20.0, 8: 20.55, 10: 20.62, 15: 20.6}
     assert fewest_steps_within(curve, 0.1) == 8
