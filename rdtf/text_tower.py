@@ -2,10 +2,10 @@
 
 Stock I2VGen-XL reads captions through OpenCLIP's text tower, pretrained on image-text
 pairs, so its states already tell "bouncing" from "shaking". A randomly initialised tiny
-tower does not: on the built-in set, a linear probe on its states names the motion of only
-86% (English) and 94% (Chinese) of val captions, and the whole (motion, direction, speed,
-amplitude) of 62% and 74%; rdtf-tiny v2's UNet, trained on such states, followed its caption
-no better than chance.
+tower does not: on the built-in set, a linear probe on its last token names the motion of
+only 86% (English) and 94% (Chinese) of held-out (val and test) captions, and the whole
+(motion, direction, speed, amplitude) of 62% and 74%; rdtf-tiny v2's UNet, trained on such
+states, followed its caption no better than chance.
 
 :func:`pretrain_text_tower` trains the tower on a prepared dataset's captions, both
 languages: linear heads name each record field (motion, direction, ...) from the states the
