@@ -50,15 +50,10 @@ def _captions(dataset: StickerDataset, fields: Sequence[str]) -> tuple[list[str]
     return texts, labels
 
 
-def _after_caption(components: Components, texts: Sequence[str]) -> torch.Tensor:
-    """``(N, L)`` weights: 1 from each caption's last token on (it and the padding see it all), else 0."""
+def _last_tokens(components: Components, texts: Sequence[str]) -> torch.Tensor:
+    """``(N,)`` position of each caption's last token (its end-of-text)."""
     _, attention_mask = tokenize(components.tokenizer, texts)
-    last = attention_mask.sum(dim=1, keepdim=True) - 1
-    return (torch.arange(attention_mask.shape[1]) >= last).float()
-
-
-def _field_logits(heads: nn.ModuleList, states: torch.Tensor) -> list[torch.Tensor]:
-    return [head(states) for head in heads]
+    return attention_mask.sum(dim=1) - 1
 
 
 def pretrain_text_tower(
@@ -83,11 +78,12 @@ def pretrain_text_tower(
     texts, labels = _captions(train, fields)
     classes = [sorted({label[i] for label in labels}) for i in range(len(fields))]
     targets = torch.tensor([[classes[i].index(value) for i, value in enumerate(label)] for label in labels])
-    weights = _after_caption(components, texts)
+    # 1 from each caption's last token on: it and the padding after it see the whole caption
+    weights = (torch.arange(components.tokenizer.model_max_length) >= _last_tokens(components, texts)[:, None]).float()
 
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    width = encode_text(components, [""]).shape[-1]
+    width = components.unet.config.cross_attention_dim  # of the states encode_text gives the UNet
     heads = nn.ModuleList(nn.Linear(width, len(names)) for names in classes)
     trained = [*components.text_encoder.parameters(), *heads.parameters()]
     if components.text_projection is not None:
@@ -105,7 +101,7 @@ def pretrain_text_tower(
         loss = sum(
             (F.cross_entropy(logits.transpose(1, 2), targets[batch, i, None].expand_as(weight), reduction="none")
              * weight).sum() / weight.sum()
-            for i, logits in enumerate(_field_logits(heads, states))
+            for i, logits in enumerate(head(states) for head in heads)
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -124,9 +120,8 @@ def pretrain_text_tower(
             if not rows:
                 continue
             captions = [row[language] for row in rows]
-            last = (_after_caption(components, captions).cumsum(dim=1) == 1).float().argmax(dim=1)
-            states = encode_text(components, captions)[torch.arange(len(rows)), last]
-            named = [logits.argmax(dim=-1) for logits in _field_logits(heads, states)]
+            states = encode_text(components, captions)[torch.arange(len(rows)), _last_tokens(components, captions)]
+            named = [head(states).argmax(dim=-1) for head in heads]
             right = torch.stack([named[i] == torch.tensor([classes[i].index(str(row[name])) for row in rows])
                                  for i, name in enumerate(fields)])
             accuracy[language] = {"all_fields": float(right.all(dim=0).float().mean()), "captions": len(rows),
