@@ -5,7 +5,9 @@ pairs, so its states already tell "bouncing" from "shaking". A randomly initiali
 tower does not: on the built-in set, a linear probe on its last token names the motion of
 only 86% (English) and 94% (Chinese) of held-out (val and test) captions, and the whole
 (motion, direction, speed, amplitude) of 62% and 74%; rdtf-tiny v2's UNet, trained on such
-states, followed its caption no better than chance.
+states, followed its caption no better than chance. On the pretrained tower, 600 CPU steps of a
+new UNet (batch 8, it2v and t2v) already did in 21/32 (English) and 20/32 (Chinese) val cases,
+against 8/32 (chance) on the random tower (text guidance 7.5, 4 motions per image).
 
 :func:`pretrain_text_tower` trains the tower on a prepared dataset's captions, both
 languages: linear heads name each record field (motion, direction, ...) from the states the
