@@ -19,6 +19,7 @@ dropped; the tower keeps what they taught it.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,19 +37,18 @@ METRICS_NAME = "text_tower_metrics.json"
 LANGUAGES = ("caption_en", "caption_zh")
 
 
-def _captions(dataset: StickerDataset, fields: Sequence[str]) -> tuple[list[str], list[tuple[str, ...]]]:
-    """Every caption of the split (both languages) and its record fields as strings."""
+def _captions(dataset: StickerDataset, fields: Sequence[str],
+              languages: Sequence[str] = LANGUAGES) -> tuple[list[str], list[tuple[str, ...]]]:
+    """The split's captions in ``languages`` and the record fields each must name, as strings."""
     texts, labels = [], []
     for row in dataset.rows:
         missing = [name for name in fields if name not in row]
         if missing:
             raise ValueError(f"{dataset.root}: row {row.get('key')!r} has no field(s) {missing} to name")
-        for language in LANGUAGES:
+        for language in languages:
             if row.get(language):
                 texts.append(row[language])
                 labels.append(tuple(str(row[name]) for name in fields))
-    if not texts:
-        raise ValueError(f"{dataset.root}: no captions to pretrain the text tower on")
     return texts, labels
 
 
@@ -78,6 +78,8 @@ def pretrain_text_tower(
     if steps < 1 or batch_size < 1 or not learning_rate > 0:
         raise ValueError(f"steps={steps}, batch_size={batch_size}, learning_rate={learning_rate}: must be positive")
     texts, labels = _captions(train, fields)
+    if not texts:
+        raise ValueError(f"{train.root}: no captions to pretrain the text tower on")
     classes = [sorted({label[i] for label in labels}) for i in range(len(fields))]
     targets = torch.tensor([[classes[i].index(value) for i, value in enumerate(label)] for label in labels])
     # 1 from each caption's last token on: it and the padding after it see the whole caption
@@ -95,7 +97,7 @@ def pretrain_text_tower(
     components.text_encoder.train()
     optimizer = torch.optim.AdamW(trained, lr=learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
-    losses = []
+    recent_losses: deque[float] = deque(maxlen=20)
     for _ in tqdm(range(steps), desc="text tower", disable=not progress):
         batch = torch.randint(len(texts), (batch_size,), generator=generator)
         states = encode_text(components, [texts[i] for i in batch.tolist()])
@@ -109,7 +111,7 @@ def pretrain_text_tower(
         loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(loss.item())
+        recent_losses.append(loss.item())
     components.text_encoder.requires_grad_(False).eval()
     if components.text_projection is not None:
         components.text_projection.requires_grad_(False)
@@ -117,17 +119,17 @@ def pretrain_text_tower(
     accuracy = {}
     with torch.no_grad():
         for language in LANGUAGES:
-            rows = [row for row in val.rows if row.get(language)
-                    and all(str(row[name]) in classes[i] for i, name in enumerate(fields))]
-            if not rows:
+            pairs = [(text, label) for text, label in zip(*_captions(val, fields, [language]))
+                     if all(value in names for value, names in zip(label, classes))]
+            if not pairs:
                 continue
-            captions = [row[language] for row in rows]
-            states = encode_text(components, captions)[torch.arange(len(rows)), _last_tokens(components, captions)]
-            named = [head(states).argmax(dim=-1) for head in heads]
-            right = torch.stack([named[i] == torch.tensor([classes[i].index(str(row[name])) for row in rows])
-                                 for i, name in enumerate(fields)])
-            accuracy[language] = {"all_fields": float(right.all(dim=0).float().mean()), "captions": len(rows),
-                                  **{name: float(right[i].float().mean()) for i, name in enumerate(fields)}}
+            captions = [text for text, _ in pairs]
+            states = encode_text(components, captions)[torch.arange(len(pairs)), _last_tokens(components, captions)]
+            named = torch.stack([head(states).argmax(dim=-1) for head in heads], dim=1)
+            right = named == torch.tensor([[names.index(value) for value, names in zip(label, classes)]
+                                           for _, label in pairs])
+            accuracy[language] = {"all_fields": float(right.all(dim=1).float().mean()), "captions": len(pairs),
+                                  **{name: float(right[:, i].float().mean()) for i, name in enumerate(fields)}}
     return {"fields": list(fields), "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate,
-            "seed": seed, "train_captions": len(texts), "final_loss": float(sum(losses[-20:]) / len(losses[-20:])),
+            "seed": seed, "train_captions": len(texts), "final_loss": sum(recent_losses) / len(recent_losses),
             "val_accuracy": accuracy}
