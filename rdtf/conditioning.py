@@ -11,6 +11,15 @@ mask as one more channel, so it can tell a given frame from a fill. Two fills
   latent cross-fade for interpolation). The model then starts from what the baselines
   would give and learns only the motion on top, which a small model learns far sooner.
   With nothing given (t2v) it falls back to the position plane.
+
+What the model denoises (``RDTFConfig.diffusion_space``):
+
+* ``latent`` (stock): the clip's latents;
+* ``residual``: the clip's latents minus the ``interpolate`` fill of its given frames
+  (:func:`diffusion_offset`). A model that predicts nothing then returns exactly the
+  baselines' fill (the static sticker, the cross-fade), even from pure noise, so a small
+  model spends none of its capacity re-drawing the given sticker and all of it on motion.
+  t2v, with nothing given, denoises plain latents in both spaces.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import torch
 
 CONDITION_FILLS: tuple[str, ...] = ("position", "interpolate")
+DIFFUSION_SPACES: tuple[str, ...] = ("latent", "residual")
 
 
 def interpolate_given(values: torch.Tensor, condition_mask: torch.Tensor) -> torch.Tensor:
@@ -27,6 +37,13 @@ def interpolate_given(values: torch.Tensor, condition_mask: torch.Tensor) -> tor
     """
     given = condition_mask.to(values.device) > 0.5
     return _interpolate_given(values, given, torch.zeros_like(values))
+
+
+def diffusion_offset(latents: torch.Tensor, condition_mask: torch.Tensor, space: str) -> torch.Tensor:
+    """What ``space`` subtracts from ``(B, C, F, h, w)`` clip latents before noising (added back after sampling)."""
+    if space not in DIFFUSION_SPACES:
+        raise ValueError(f"diffusion_space={space!r}: expected one of {', '.join(DIFFUSION_SPACES)}")
+    return interpolate_given(latents, condition_mask) if space == "residual" else torch.zeros_like(latents)
 
 
 def conditioning_latents(

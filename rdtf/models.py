@@ -48,7 +48,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rdtf.conditioning import CONDITION_FILLS
+from rdtf.conditioning import CONDITION_FILLS, DIFFUSION_SPACES
 from rdtf.masks import TASKS
 from rdtf.tokenizer import build_byte_tokenizer, build_char_tokenizer, tokenize
 
@@ -88,7 +88,9 @@ class RDTFConfig:
     a task that must invent motion may want another start than one that must match given frames.
     ``condition_fill``: what the image latents carry at frames to generate (``position``, the
     stock plane, or ``interpolate``, the given latents interpolated in time; see
-    :mod:`rdtf.conditioning`); ``interpolate`` needs the mask channel.
+    :mod:`rdtf.conditioning`); ``interpolate`` needs the mask channel. ``diffusion_space``: what
+    the UNet denoises, the clip's latents (``latent``, stock) or their difference from the
+    ``interpolate`` fill (``residual``; see :mod:`rdtf.conditioning`).
     """
 
     text_encoder_kind: str = "clip"
@@ -98,8 +100,11 @@ class RDTFConfig:
     sampler: dict[str, Any] = field(default_factory=dict)
     task_sampler: dict[str, dict[str, Any]] = field(default_factory=dict)
     condition_fill: str = "position"
+    diffusion_space: str = "latent"
 
     def __post_init__(self) -> None:
+        if self.diffusion_space not in DIFFUSION_SPACES:
+            raise ValueError(f"diffusion_space={self.diffusion_space!r}: expected one of {', '.join(DIFFUSION_SPACES)}")
         if self.condition_fill not in CONDITION_FILLS:
             raise ValueError(f"condition_fill={self.condition_fill!r}: expected one of {', '.join(CONDITION_FILLS)}")
         if self.condition_fill != "position" and not self.mask_channel:
@@ -317,6 +322,7 @@ def build_tiny_components(
     text_encoder_kind: str = "byte_clip",
     max_text_length: int = 128,
     condition_fill: str = "position",
+    diffusion_space: str = "latent",
 ) -> Components:
     """Randomly initialised components with the real architecture at toy width, built offline.
 
@@ -337,7 +343,8 @@ def build_tiny_components(
         raise ValueError(
             "text_encoder_kind='clip' needs the downloaded OpenCLIP tokenizer; tiny models use 'byte_clip'"
         )
-    config = RDTFConfig(text_encoder_kind, mask_channel, max_text_length, num_frames, condition_fill=condition_fill)
+    config = RDTFConfig(text_encoder_kind, mask_channel, max_text_length, num_frames, condition_fill=condition_fill,
+                          diffusion_space=diffusion_space)
     context_dim = cross_attention_dim or text_width
     groups = min(unet_channels[0], 2)
     torch.manual_seed(seed)

@@ -10,6 +10,9 @@ stock model exactly for its own case (one given frame at position 0) and general
   plane ``i / (F - 1)``, or for models saved with ``condition_fill="interpolate"`` the
   given latents interpolated in time (:mod:`rdtf.conditioning`); a UNet with a mask
   channel also reads the condition mask;
+* a model saved with ``diffusion_space="residual"`` denoises the clip minus that
+  interpolated fill and adds the fill back at the end, so it returns the baselines' fill
+  even from pure noise when it predicts no motion;
 * the CLIP image embedding comes from the first given frame (zero when none is given);
 * classifier-free guidance on text and image separately:
   ``eps = u + s_img (i - u) + s_txt (f - i)`` with u = negative text + zero image,
@@ -41,7 +44,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from rdtf.conditioning import conditioning_latents, interpolate_given
+from rdtf.conditioning import conditioning_latents, diffusion_offset, interpolate_given
 from rdtf.io import SUFFIX_FORMATS, Clip, composite_over, write_clip
 from rdtf.masks import TASK_USES_TEXT, TASKS, condition_mask as task_condition_mask, mask_from_string
 from rdtf.models import (
@@ -624,13 +627,14 @@ class RDTFPipeline:
         scheduler = make_scheduler(request.scheduler, components.scheduler.config)
         scheduler.set_timesteps(request.steps, device=self.device)
         timesteps = scheduler.timesteps
+        offset = diffusion_offset(given_latents, mask, components.config.diffusion_space)
         noise = initial_noise(given_latents.shape, request.seed).to(self.device)
         if request.strength < 1 and request.given:
             skipped = min(request.steps - round(request.steps * request.strength), request.steps - 1) * scheduler.order
             timesteps = timesteps[skipped:]
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(skipped)
-            latents = scheduler.add_noise(interpolate_given(given_latents, mask), noise, timesteps[:1])
+            latents = scheduler.add_noise(interpolate_given(given_latents, mask) - offset, noise, timesteps[:1])
         else:
             latents = noise * scheduler.init_noise_sigma
         step_kwargs = {}
@@ -650,7 +654,7 @@ class RDTFPipeline:
                 )[0].float()
                 eps = combine(dict(zip(branches, prediction.split(1))))
                 latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
-        return latents
+        return latents + offset
 
     def _decode(
         self, latents: torch.Tensor, request: _Request, given_latents: torch.Tensor, mask: torch.Tensor

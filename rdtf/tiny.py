@@ -83,6 +83,8 @@ class TinyRecipe:
     text_tower_steps: int = 0
     # frames to generate start from the given latents interpolated in time (see rdtf.conditioning)
     condition_fill: str = "interpolate"
+    # what the UNet denoises: the latents (v2) or their difference from that fill (see rdtf.conditioning)
+    diffusion_space: str = "latent"
     # base training (every task, every motion but the held-out one)
     unet_steps: int = 1100  # v2: sized to one H200 lease (0.22 s/step at batch 32)
     batch_size: int = 32
@@ -217,7 +219,8 @@ def build_tiny_model(
         components = build_tiny_components(
             recipe.seed, unet_channels=recipe.unet_channels, vae_channels=recipe.vae_channels,
             text_width=recipe.text_width, num_frames=recipe.num_frames, latent_channels=recipe.latent_channels,
-            condition_fill=recipe.condition_fill, attention_head_dim=recipe.unet_attention_head_dim,
+            condition_fill=recipe.condition_fill, diffusion_space=recipe.diffusion_space,
+            attention_head_dim=recipe.unet_attention_head_dim,
             sample_size=recipe.size // 2 ** (len(recipe.vae_channels) - 1),
         )
         components = dataclasses.replace(

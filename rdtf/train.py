@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from rdtf import checkpoint as ckpt
 from rdtf.cache import CachedClips, build_cache, encode_items, encoder_fingerprint
-from rdtf.conditioning import conditioning_latents
+from rdtf.conditioning import conditioning_latents, diffusion_offset
 from rdtf.curriculum import CURRICULA, TASK_GROUP, TaskCurriculum
 from rdtf.data import MANIFEST_FILE, StickerDataset
 from rdtf.io import write_atomic
@@ -282,11 +282,19 @@ def sample_timesteps(
     return (shifted * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
 
 
-def diffusion_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """What the UNet regresses: the noise (epsilon models) or the velocity (v-prediction)."""
+def noised_and_target(
+    scheduler: Any, latents: torch.Tensor, condition_mask: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+    space: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet's noisy input and what it regresses, for clean ``latents`` in the model's diffusion space.
+
+    The target is the noise (epsilon models) or the velocity (v-prediction).
+    """
+    clean = latents - diffusion_offset(latents, condition_mask, space)
+    noisy = scheduler.add_noise(clean, noise, timesteps)
     if scheduler.config.prediction_type == "epsilon":
-        return noise
-    return scheduler.get_velocity(latents, noise, timesteps)
+        return noisy, noise
+    return noisy, scheduler.get_velocity(clean, noise, timesteps)
 
 
 def text_influence(prediction: torch.Tensor, other_caption_prediction: torch.Tensor) -> float:
@@ -439,7 +447,7 @@ def train(config: TrainConfig) -> Path:
     curriculum = TaskCurriculum(config.curriculum, tasks=tuple(config.tasks), total_steps=config.max_steps,
                                 seed=config.seed, text_dropout=config.text_dropout)
     noise_scheduler = components.scheduler
-    mask_channel, fill = has_mask_channel(unet), components.config.condition_fill
+    mask_channel, fill, space = has_mask_channel(unet), components.config.condition_fill, components.config.diffusion_space
 
     # ---- resume
     step = 0
@@ -528,8 +536,7 @@ def train(config: TrainConfig) -> Path:
                 noise += config.offset_noise * torch.randn((*latents.shape[:2], 1, 1, 1), generator=generator).to(device)
             shift = torch.tensor([config.timestep_shift if TASK_GROUP[task] == "generation" else 1.0 for task in tasks])
             timesteps = sample_timesteps(size, noise_scheduler.config.num_train_timesteps, shift, generator).to(device)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+            noisy, target = noised_and_target(noise_scheduler, latents, cond_mask, noise, timesteps, space)
             fps = batch["fps"].to(device).float()
 
             sync = accum_index == config.grad_accum - 1
@@ -691,8 +698,6 @@ class _Validation:
         generator = torch.Generator().manual_seed(self.config.seed)
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
         timesteps = torch.linspace(50, scheduler.config.num_train_timesteps - 50, size).long().to(latents.device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = diffusion_target(scheduler, latents, noise, timesteps)
         loss_mask = torch.stack([item["loss_mask"] for item in self.items]).to(latents.device)
         fps = torch.tensor([item["fps"] for item in self.items], device=latents.device)
         # encoded now: the text tower may be training too
@@ -702,6 +707,8 @@ class _Validation:
         for task in self.config.tasks:
             mask = condition_mask(task, frames).to(latents.device).expand(size, -1) * loss_mask
             image = self.inputs["frame_embeds"][:, 0:1] * (mask[:, :1] > 0).view(-1, 1, 1)
+            noisy, target = noised_and_target(scheduler, latents, mask, noise, timesteps,
+                                              self.components.config.diffusion_space)
             with self.accelerator.autocast():
                 image_latents = conditioning_latents(latents, mask, has_mask_channel(unet), self.components.config.condition_fill)
                 given = {"fps": fps, "image_latents": image_latents, "image_embeddings": image, "return_dict": False}

@@ -8,9 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from rdtf.conditioning import conditioning_latents, interpolate_given
+from rdtf.conditioning import conditioning_latents, diffusion_offset, interpolate_given
 from rdtf.masks import condition_mask
-from rdtf.models import RDTFConfig, build_tiny_components, load_components
+from rdtf.models import (
+    RDTFConfig,
+    build_tiny_components,
+    decode_latents,
+    encode_frames,
+    frames_to_pixels,
+    load_components,
+)
 from rdtf.pipeline import RDTFPipeline
 
 F = 8
@@ -105,3 +112,57 @@ def test_the_pipeline_feeds_the_models_fill_to_the_unet_and_the_fill_round_trips
 
     stock = dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, condition_fill="position"))
     assert not np.array_equal(RDTFPipeline(stock).generate(**request), filled)
+
+
+def test_residual_space_subtracts_the_interpolate_fill_and_latent_space_nothing():
+    latents = _ramp_latents(batch=2)
+    mask = torch.stack([condition_mask("interpolation", F), condition_mask("t2v", F)])
+    residual = diffusion_offset(latents, mask, "residual")
+    torch.testing.assert_close(residual, interpolate_given(latents, mask))
+    assert torch.count_nonzero(residual[1]) == 0  # t2v: nothing given, plain latents are denoised
+    assert torch.count_nonzero(diffusion_offset(latents, mask, "latent")) == 0
+    with pytest.raises(ValueError, match="diffusion_space='pixels'"):
+        diffusion_offset(latents, mask, "pixels")
+    with pytest.raises(ValueError, match="diffusion_space='pixels'"):
+        RDTFConfig(mask_channel=True, diffusion_space="pixels")
+
+
+def _predict_clean(components, clean_is_the_fill: bool) -> None:
+    """Make the UNet predict the velocity of a fixed clean sample: the fill it is shown, or zeros."""
+    alphas = components.scheduler.alphas_cumprod
+
+    def hook(module, args, kwargs, output):
+        noisy, timestep = args[0], int(args[1])
+        clean = kwargs["image_latents"][:, : noisy.shape[1]] if clean_is_the_fill else torch.zeros_like(noisy)
+        signal, noise_level = alphas[timestep].sqrt(), (1 - alphas[timestep]).sqrt()
+        return ((signal * noisy - clean) / noise_level,)
+
+    components.unet.register_forward_hook(hook, with_kwargs=True)
+
+
+def test_a_residual_model_that_predicts_no_residual_returns_the_fill_from_pure_noise(tmp_path):
+    """Residual space's point: the given frames' fill comes back exactly, whatever the UNet can draw.
+
+    A latent-space model must draw that fill itself (here an oracle does); a residual-space
+    model that predicts zeros gets the same clip.
+    """
+    frames = np.random.default_rng(0).integers(0, 256, (F, 8, 8, 3), dtype=np.uint8)  # the toy VAE's size
+    request = {"frames": frames, "task": "interpolation", "num_inference_steps": 3, "scheduler": "ddim",
+               "strength": 1.0, "decode": "direct", "keep_given": False, "seed": 5, "progress": False}
+    outputs = {}
+    for space in ("latent", "residual"):
+        components = build_tiny_components(seed=0, sample_size=8, image_size=16, condition_fill="interpolate",
+                                           diffusion_space=space)
+        components.save_pretrained(tmp_path / space)
+        loaded = load_components(tmp_path / space)
+        assert loaded.config.diffusion_space == space
+        _predict_clean(loaded, clean_is_the_fill=space == "latent")
+        outputs[space] = RDTFPipeline(loaded).generate(**request)
+
+    with torch.no_grad():
+        latents = encode_frames(loaded.vae, frames_to_pixels(frames)).permute(1, 0, 2, 3).unsqueeze(0)
+        fill = interpolate_given(latents, condition_mask("interpolation", F).unsqueeze(0))
+        pixels = decode_latents(loaded.vae, fill[0].permute(1, 0, 2, 3))
+    expected = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(outputs["residual"], expected, atol=1e-5)
+    np.testing.assert_allclose(outputs["latent"], expected, atol=1e-5)

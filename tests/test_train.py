@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ from safetensors.torch import load_file
 from rdtf.cache import build_cache, encoder_fingerprint
 from rdtf.data import StickerDataset, prepare_dataset
 from rdtf.lora import load_lora
+from rdtf.masks import condition_mask
 from rdtf.models import (
     RDTF_CONFIG_NAME,
     build_tiny_components,
@@ -37,6 +39,7 @@ from rdtf.train import (
     TrainConfig,
     TrainingError,
     enable_block_checkpointing,
+    noised_and_target,
     sample_timesteps,
     text_influence,
     train,
@@ -176,6 +179,26 @@ def test_full_training_saves_a_loadable_model(workspace):
         name for name, p in trained.unet.named_parameters() if not torch.equal(p, dict(base.unet.named_parameters())[name])
     ]
     assert changed
+
+
+def test_residual_space_trains_a_static_clip_like_an_empty_one_and_the_model_keeps_its_space(workspace, tmp_path):
+    scheduler = build_tiny_components(seed=0, sample_size=8, image_size=16).scheduler
+    static = torch.randn(1, 4, 1, 8, 8).expand(2, 4, 8, 8, 8)  # every frame the given sticker
+    mask = condition_mask("i2v", 8).expand(2, -1)
+    noise, timesteps = torch.randn(static.shape, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 999])
+    nothing = noised_and_target(scheduler, torch.zeros_like(static), mask, noise, timesteps, "latent")
+    for got, want in zip(noised_and_target(scheduler, static, mask, noise, timesteps, "residual"), nothing):
+        torch.testing.assert_close(got, want)  # nothing to denoise but the noise: the fill is the answer
+    assert not torch.allclose(noised_and_target(scheduler, static, mask, noise, timesteps, "latent")[1], nothing[1])
+
+    base = tmp_path / "residual-model"
+    build_tiny_components(seed=0, sample_size=8, image_size=16, condition_fill="interpolate",
+                          diffusion_space="residual").save_pretrained(base)
+    out = train(_config(workspace, "residual", base=str(base), mode="full", max_steps=2, validate_every=2))
+    assert load_components(out / "model").config.diffusion_space == "residual"
+    with open(out / LOG_NAME) as handle:
+        last = list(csv.DictReader(handle))[-1]
+    assert all(math.isfinite(float(last[f"val_{task}"])) for task in ("i2v", "interpolation"))
 
 
 def test_text_tower_trains_with_the_unet_and_resumes_exactly(workspace, tmp_path):
