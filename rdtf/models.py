@@ -343,8 +343,8 @@ def build_tiny_components(
         raise ValueError(
             "text_encoder_kind='clip' needs the downloaded OpenCLIP tokenizer; tiny models use 'byte_clip'"
         )
-    config = RDTFConfig(text_encoder_kind, mask_channel, max_text_length, num_frames, condition_fill=condition_fill,
-                          diffusion_space=diffusion_space)
+    config = RDTFConfig(text_encoder_kind, mask_channel, max_text_length, num_frames,
+                        condition_fill=condition_fill, diffusion_space=diffusion_space)
     context_dim = cross_attention_dim or text_width
     groups = min(unet_channels[0], 2)
     torch.manual_seed(seed)
