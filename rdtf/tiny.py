@@ -20,8 +20,9 @@ stopped. The shipped folders (model, LoRA, with their logs, configs and metrics)
 into place atomically at the end of their stage. ``stop_after`` ends the build after a stage.
 
 Every stage runs on the GPU when there is one (training with ``gpu_mixed_precision``
-autocast); the shipped v2 was built on one H200 in under 8 minutes. The same recipe on 2 CPU
-cores would take about 15 hours (3000 VAE steps at about 5 s, 1100 UNet steps at about 35 s).
+autocast). The shipped v4 was built on 2 CPU cores in about 2 hours: text tower 30 s, UNet
+1100 steps at 5.0 s, LoRA 12 min, sweeps 17 min. Its VAE is v2's, trained by this recipe's
+VAE stage in 2 minutes on one H200 (3000 steps; about 4 hours on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -77,16 +78,17 @@ class TinyRecipe:
     unet_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     # width of each UNet attention head (diffusers' I2VGen-XL config value): v2's 4 gives 8-16 heads of
     # 4 numbers each; 16 trains 1.35x faster on CPU (benchmarks/results/attention_heads.md)
-    unet_attention_head_dim: int = 4
+    unet_attention_head_dim: int = 16
     text_width: int = 32
     # steps of text-tower pretraining (rdtf.text_tower) before the UNet trains; v2: 0, its tower stayed random
-    text_tower_steps: int = 0
+    text_tower_steps: int = 600
     # frames to generate start from the given latents interpolated in time (see rdtf.conditioning)
     condition_fill: str = "interpolate"
-    # what the UNet denoises: the latents (v2) or their difference from that fill (see rdtf.conditioning)
-    diffusion_space: str = "latent"
+    # what the UNet denoises: the latents (v2) or their difference from that fill (see rdtf.conditioning);
+    # residual: +1.5 dB from pure noise on val clips over the same recipe in latent space
+    diffusion_space: str = "residual"
     # base training (every task, every motion but the held-out one)
-    unet_steps: int = 1100  # v2: sized to one H200 lease (0.22 s/step at batch 32)
+    unet_steps: int = 1100  # v2: sized to one H200 lease (0.22 s/step at batch 32); v4: 92 min on 2 CPU cores
     batch_size: int = 32
     learning_rate: float = 8e-4
     # Plain MSE: min-SNR gives v-prediction's zero-SNR (pure noise) step zero weight, so a model
@@ -96,7 +98,7 @@ class TinyRecipe:
     # > 1 draws more high-noise timesteps for i2v, it2v and t2v (rdtf.train.sample_timesteps). 200 CPU steps
     # from v2 with 5: on two motions it preferred its own caption at t = 999 in 30/32 and 25/32 cases
     # (en/zh; uniform: 25, 18); on every motion, after 150 steps, still at chance
-    unet_timestep_shift: float = 1.0
+    unet_timestep_shift: float = 5.0
     ema_decay: float | None = 0.999
     gpu_mixed_precision: str = "bf16"  # autocast for both training stages when they run on a GPU (CPU: fp32)
     # held-out-motion LoRA
@@ -110,16 +112,19 @@ class TinyRecipe:
     # RDTFPipeline.generate), then the fewest steps within sampler_step_tolerance_db of the best step count.
     # Changing only these in a finished work folder reruns the sweep alone.
     sampler_scheduler: str = "dpm++"
-    sampler_text_guidance: list[float] = field(default_factory=lambda: [1.0, 2.5, 4.0])
+    sampler_text_guidance: list[float] = field(default_factory=lambda: [1.0, 4.0, 7.5])
     sampler_image_guidance: list[float] = field(default_factory=lambda: [1.0, 2.0])
     sampler_strengths: list[float] = field(default_factory=lambda: [1.0, 0.8, 0.6, 0.4, 0.2])
     sampler_decodes: list[str] = field(default_factory=lambda: ["direct", "residual"])
     sampler_step_counts: list[int] = field(default_factory=lambda: [6, 8, 10, 15])
     sampler_step_tolerance_db: float = 0.1
     sampler_clips: int = 6
-    # then i2v's own start strength and decode, judged by motion and sharpness at a bounded loss of
-    # fidelity to the ground truth (see recommend_i2v_sampler)
-    sampler_i2v_strengths: list[float] = field(default_factory=lambda: [1.0, 0.8, 0.6, 0.4, 0.2])
+    # then i2v's own step count, start strength and decode, judged by motion and sharpness at a bounded
+    # loss of fidelity to the ground truth (see recommend_i2v_sampler). A strength below 1 skips whole
+    # steps, so the step count sets how close to pure noise i2v can start: skipping 1 of 6 steps left the
+    # residual candidate r1 static on val clips, skipping 1 of 15 moved every clip and kept it sharp.
+    sampler_i2v_step_counts: list[int] = field(default_factory=lambda: [6, 15])
+    sampler_i2v_strengths: list[float] = field(default_factory=lambda: [1.0, 0.95, 0.8, 0.6, 0.4, 0.2])
     sampler_i2v_decodes: list[str] = field(default_factory=lambda: ["direct", "residual"])
     sampler_i2v_max_psnr_drop_db: float = 1.0
     sampler_i2v_clips: int = 16
@@ -341,20 +346,23 @@ def recommend_sampler(model: Path, data: Path, recipe: TinyRecipe, progress: boo
 
 
 def recommend_i2v_sampler(model: Path, data: Path, recipe: TinyRecipe, progress: bool = True) -> dict[str, Any]:
-    """i2v's own start strength and decode, saved as the model's ``task_sampler["i2v"]``; returns them.
+    """i2v's own step count, start strength and decode, saved as the model's ``task_sampler["i2v"]``.
 
     i2v has no single right motion, so the best PSNR (which rewards standing still) cannot
-    choose its start. On val clips, with the model's other settings, among the pairs within
+    choose its start. On val clips, with the model's other settings, among the options within
     ``sampler_i2v_max_psnr_drop_db`` of the best PSNR (a model that cannot yet animate must
     not trade the sticker's look for motion: from pure noise rdtf-tiny v2 moved in every clip
     but lost the sticker's colours and shape): the one whose clips stay sharp (median
     gradient energy within 20% of the ground truth's) and most often move like the ground
-    truth (flow magnitude inside its clips' 10th-90th percentiles).
+    truth (flow magnitude inside its clips' 10th-90th percentiles). Ties go to fewer steps.
+    Returns the chosen options.
     """
     dataset = StickerDataset(data, split="val", predicate=lambda row: row["motion"] != recipe.holdout_motion)
     cases = cases_from_items([dataset[i] for i in range(min(recipe.sampler_i2v_clips, len(dataset)))], ["i2v"])
     pipe = RDTFPipeline.from_pretrained(model, device="cuda" if torch.cuda.is_available() else "cpu")
-    options = {f"{strength:g} {decode}": {"strength": float(strength), "decode": decode}
+    options = {f"{steps} steps {strength:g} {decode}":
+               {"num_inference_steps": int(steps), "strength": float(strength), "decode": decode}
+               for steps in sorted(recipe.sampler_i2v_step_counts)
                for strength in recipe.sampler_i2v_strengths for decode in recipe.sampler_i2v_decodes}
     methods = {name: pipeline_method(pipe, seed=recipe.seed, progress=False, **option) for name, option in options.items()}
     result = evaluate_methods(cases, methods, baselines=False, keep_examples=0, progress=progress)
@@ -373,7 +381,7 @@ def recommend_i2v_sampler(model: Path, data: Path, recipe: TinyRecipe, progress:
     sweep_file = model / TRAINING_DIR / SWEEP_NAME
     sweep = json.loads(sweep_file.read_text(encoding="utf-8"))
     sweep["i2v"] = {"clips": len(cases), "recipe": recipe.i2v_sweep_settings(),
-                    "by_strength_and_decode": scores, "chosen": chosen}
+                    "by_steps_strength_and_decode": scores, "chosen": chosen}
     write_atomic(sweep_file, json.dumps(sweep, indent=2).encode("utf-8"))
     return chosen
 
@@ -382,7 +390,8 @@ def most_lifelike(scores: dict[str, dict[str, float]], max_psnr_drop_db: float) 
     """The i2v option (``psnr``, ``moving``, ``sharpness`` scores) that moves most like a sticker.
 
     Only options within ``max_psnr_drop_db`` of the best PSNR compete; among them sharp ones
-    (sharpness within 20% of 1) first, then the most moving, then the sharpness nearest 1.
+    (sharpness within 20% of 1) first, then the most moving, then the sharpness nearest 1; on a
+    tie, the first in ``scores``' order.
     """
     faithful = max(score["psnr"] for score in scores.values()) - max_psnr_drop_db
 

@@ -23,7 +23,7 @@ from rdtf.train import CARD_NAME, LOG_NAME
 
 TOY = dict(count=40, size=32, vae_channels=[8, 16], latent_channels=6, vae_steps=3, vae_batch_size=4, unet_channels=[8, 16],
            unet_attention_head_dim=8, text_width=8, text_tower_steps=2, unet_steps=3, batch_size=2, lora_steps=2, lora_rank=2, validate_every=3,
-           sampler_strengths=[1.0, 0.5], sampler_decodes=["direct", "residual"], sampler_step_counts=[1, 2], sampler_step_tolerance_db=100.0, sampler_text_guidance=[1.0, 3.0], sampler_image_guidance=[1.0], sampler_clips=2, sampler_i2v_strengths=[1.0, 0.5], sampler_i2v_decodes=["direct"], sampler_i2v_clips=2)
+           sampler_strengths=[1.0, 0.5], sampler_decodes=["direct", "residual"], sampler_step_counts=[1, 2], sampler_step_tolerance_db=100.0, sampler_text_guidance=[1.0, 3.0], sampler_image_guidance=[1.0], sampler_clips=2, sampler_i2v_step_counts=[2, 1], sampler_i2v_strengths=[1.0, 0.5], sampler_i2v_decodes=["direct"], sampler_i2v_clips=2)
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +51,9 @@ def test_the_recipe_ships_a_model_with_its_record_and_a_lora(built):
     best_strength, best_decode = max(by_start, key=by_start.get).split()
     assert (sweep["chosen"]["strength"], sweep["chosen"]["decode"]) == (float(best_strength), best_decode)
     assert recommended == sweep["chosen"] and recommended["num_inference_steps"] == 1  # any count is within 100 dB
-    i2v_scores = sweep["i2v"]["by_strength_and_decode"]
-    assert set(i2v_scores) == {"1 direct", "0.5 direct"} and all(np.isfinite(s["psnr"]) for s in i2v_scores.values())
+    i2v_scores = sweep["i2v"]["by_steps_strength_and_decode"]
+    assert list(i2v_scores) == ["1 steps 1 direct", "1 steps 0.5 direct", "2 steps 1 direct", "2 steps 0.5 direct"]
+    assert all(np.isfinite(s["psnr"]) for s in i2v_scores.values())
     i2v = RDTFPipeline.from_pretrained(model).sampler_settings_for("i2v")
     assert i2v == {**recommended, **sweep["i2v"]["chosen"]}
     card = json.loads((lora / CARD_NAME).read_text())
@@ -101,15 +102,17 @@ def test_new_i2v_sweep_settings_rerun_only_the_i2v_sweep(built):
     main = {**TOY, "sampler_strengths": [0.5], "sampler_decodes": ["residual"]}  # as the test above left it
     build_tiny_model(TinyRecipe(**main), root / "work", root / "assets" / "toy", progress=False)
     before = json.loads((model / TRAINING_DIR / SWEEP_NAME).read_text())
-    build_tiny_model(TinyRecipe(**{**main, "sampler_i2v_strengths": [0.7], "sampler_i2v_decodes": ["residual"]}),
-                     root / "work", root / "assets" / "toy", progress=False)
+    i2v_sweep = {"sampler_i2v_step_counts": [3], "sampler_i2v_strengths": [0.7], "sampler_i2v_decodes": ["residual"]}
+    build_tiny_model(TinyRecipe(**{**main, **i2v_sweep}), root / "work", root / "assets" / "toy", progress=False)
     after = json.loads((model / TRAINING_DIR / SWEEP_NAME).read_text())
     assert {k: v for k, v in after.items() if k != "i2v"} == {k: v for k, v in before.items() if k != "i2v"}
-    assert set(after["i2v"]["by_strength_and_decode"]) == {"0.7 residual"}
+    assert set(after["i2v"]["by_steps_strength_and_decode"]) == {"3 steps 0.7 residual"}
     config = json.loads((model / "rdtf_config.json").read_text())
-    assert config["task_sampler"] == {"i2v": {"strength": 0.7}}  # residual is already every task's decode
+    # residual is already every task's decode, so only what differs is kept
+    assert config["task_sampler"] == {"i2v": {"num_inference_steps": 3, "strength": 0.7}}
     pipe = RDTFPipeline.from_pretrained(model)
     assert pipe.sampler_settings_for("i2v")["strength"] == 0.7 and pipe.sampler_settings["strength"] == 0.5
+    assert pipe.sampler_settings_for("i2v")["num_inference_steps"] == 3 and pipe.sampler_settings["num_inference_steps"] == 1
 
 
 def test_stop_after_runs_only_the_early_stages(tmp_path):
@@ -134,8 +137,9 @@ def test_a_work_folder_refuses_other_training_choices_even_ones_newer_than_it(tm
     with pytest.raises(ValueError, match=r"other \['text_tower_steps'\]"):
         build_tiny_model(TinyRecipe(**{**TOY, "text_tower_steps": 5}), tmp_path / "work", tmp_path / "toy",
                          progress=False, stop_after="data")
-    build_tiny_model(TinyRecipe(**{**TOY, "text_tower_steps": 0}), tmp_path / "work", tmp_path / "toy", progress=False,
-                     stop_after="data")  # the folder was built with the field's default
+    default = TinyRecipe().text_tower_steps
+    build_tiny_model(TinyRecipe(**{**TOY, "text_tower_steps": default}), tmp_path / "work", tmp_path / "toy",
+                     progress=False, stop_after="data")  # the folder was built with the field's default
 
 
 def test_the_recommended_step_count_is_the_fewest_within_the_tolerance():
