@@ -3,6 +3,10 @@
 1. Steps/s with the precompute cache vs encoding on the fly (same tiny model, same data).
 2. Peak resident memory of a training run with and without gradient checkpointing
    (each configuration in a fresh process, read from ru_maxrss).
+3. bf16 autocast (``mixed_precision="bf16"``) against fp32, for that LoRA run and for the
+   rdtf-tiny recipe's base training (full UNet, batch 32, its UNet and VAE): on a CPU with
+   AVX-512 bf16 the casts cost more than they save in small matrix products and less in
+   large ones, so the answer depends on the batch.
 
 Writes benchmarks/results/train.md. Usage: python benchmarks/bench_train.py [--steps N]
 """
@@ -35,11 +39,27 @@ def _workspace(root: Path, size: int) -> tuple[Path, Path]:
     return root / "model", root / "data"
 
 
+def _recipe_model(root: Path) -> Path:
+    """The rdtf-tiny recipe's untrained model (random weights: speed does not depend on them)."""
+    from rdtf.models import build_tiny_components
+    from rdtf.tiny import TinyRecipe
+
+    recipe = TinyRecipe()
+    build_tiny_components(
+        recipe.seed, unet_channels=recipe.unet_channels, vae_channels=recipe.vae_channels, text_width=recipe.text_width,
+        num_frames=recipe.num_frames, latent_channels=recipe.latent_channels, condition_fill=recipe.condition_fill,
+        diffusion_space=recipe.diffusion_space, attention_head_dim=recipe.unet_attention_head_dim,
+        sample_size=recipe.size // 2 ** (len(recipe.vae_channels) - 1),
+    ).save_pretrained(root / "recipe-model")
+    return root / "recipe-model"
+
+
 def _run(model: Path, data: Path, out: Path, steps: int, **overrides) -> dict:
     """One training run in a fresh process; returns wall seconds and peak RSS."""
     config = dict(base=str(model), data=str(data), output_dir=str(out), split=None, max_steps=steps, batch_size=4,
                   checkpoint_every=10_000, validate_every=10_000, log_every=1, progress=False, trackers=[],
-                  cache_dir=str(out.parent / "cache"), **overrides)
+                  cache_dir=str(out.parent / "cache"))
+    config.update(overrides)
     code = (
         "import json, resource, time, torch\n"
         "from rdtf.train import TrainConfig, train\n"
@@ -50,9 +70,16 @@ def _run(model: Path, data: Path, out: Path, steps: int, **overrides) -> dict:
     output = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     result = json.loads(output.strip().splitlines()[-1])
     with open(out / "log.csv", newline="") as handle:
-        seconds = [float(row["seconds"]) for row in csv.DictReader(handle)]
+        rows = list(csv.DictReader(handle))
+    seconds = [float(row["seconds"]) for row in rows]
     result["step_seconds"] = (seconds[-1] - seconds[0]) / (len(seconds) - 1)  # steady state: first step excluded
+    result["mean_loss"] = sum(float(row["loss"]) for row in rows) / len(rows)  # same seed and batches in every run
     return result
+
+
+def _has_cpu_flag(flag: str) -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and flag in cpuinfo.read_text(encoding="utf-8").split()
 
 
 def main() -> None:
@@ -68,6 +95,14 @@ def main() -> None:
             "cached": _run(model, data, root / "cached", args.steps),
             "on the fly": _run(model, data, root / "live", args.steps, cache=False),
             "cached + gradient checkpointing": _run(model, data, root / "ckpt", args.steps, gradient_checkpointing=True),
+            "cached + bf16 autocast": _run(model, data, root / "bf16", args.steps, mixed_precision="bf16"),
+        }
+        recipe_model = _recipe_model(root)
+        full = dict(mode="full", batch_size=32, ema_decay=0.999)
+        _run(recipe_model, data, root / "recipe-warm", 2, **full)
+        recipe_runs = {
+            "fp32": _run(recipe_model, data, root / "recipe-fp32", args.steps, **full),
+            "bf16 autocast": _run(recipe_model, data, root / "recipe-bf16", args.steps, mixed_precision="bf16", **full),
         }
     lines = [
         "# Training benchmark (CPU)",
@@ -76,16 +111,31 @@ def main() -> None:
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, "
         f"torch {torch.__version__}. Tiny I2VGen-XL (UNet 32/64/64, VAE 4x), 8 frames at {args.size} px, batch 4, "
         "LoRA rank 16 on all attention. Each run is a fresh process; s/step is the steady state from log.csv "
-        "(the first step, with its start-up, is excluded); peak RSS is the whole process.",
+        "(the first step, with its start-up, is excluded); peak RSS is the whole process; mean loss over every "
+        "step (the same seed and batches in every run, so it shows whether a setting changes what is learnt).",
         "",
-        "| run | s/step | steps/s | peak RSS (MB) |",
-        "| --- | --- | --- | --- |",
-        *(f"| {name} | {r['step_seconds']:.2f} | {1 / r['step_seconds']:.2f} | {r['max_rss_mb']:.0f} |"
+        "| run | s/step | steps/s | peak RSS (MB) | mean loss |",
+        "| --- | --- | --- | --- | --- |",
+        *(f"| {name} | {r['step_seconds']:.2f} | {1 / r['step_seconds']:.2f} | {r['max_rss_mb']:.0f} | {r['mean_loss']:.4f} |"
           for name, r in runs.items()),
         "",
         f"Cache speed-up: {runs['on the fly']['step_seconds'] / runs['cached']['step_seconds']:.2f}x. "
         f"Gradient checkpointing: peak RSS {runs['cached + gradient checkpointing']['max_rss_mb'] / runs['cached']['max_rss_mb']:.2f}x, "
-        f"time per step {runs['cached + gradient checkpointing']['step_seconds'] / runs['cached']['step_seconds']:.2f}x.",
+        f"time per step {runs['cached + gradient checkpointing']['step_seconds'] / runs['cached']['step_seconds']:.2f}x. "
+        f"bf16 autocast: time per step {runs['cached + bf16 autocast']['step_seconds'] / runs['cached']['step_seconds']:.2f}x.",
+        "",
+        "## The rdtf-tiny recipe's base training",
+        "",
+        "`TinyRecipe()`'s model (UNet 32/64/64 with 16-wide heads, 16 latent channels, random weights), full "
+        f"training at batch 32 with EMA on the same data; CPU {'with' if _has_cpu_flag('avx512_bf16') else 'without'} "
+        "AVX-512 bf16.",
+        "",
+        "| precision | s/step | peak RSS (MB) | mean loss |",
+        "| --- | --- | --- | --- |",
+        *(f"| {name} | {r['step_seconds']:.2f} | {r['max_rss_mb']:.0f} | {r['mean_loss']:.4f} |"
+          for name, r in recipe_runs.items()),
+        "",
+        f"bf16 autocast speed-up: {recipe_runs['fp32']['step_seconds'] / recipe_runs['bf16 autocast']['step_seconds']:.2f}x.",
         "",
     ]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from rdtf.train import CARD_NAME, LOG_NAME
 
 TOY = dict(count=40, size=32, vae_channels=[8, 16], latent_channels=6, vae_steps=3, vae_batch_size=4, unet_channels=[8, 16],
            unet_attention_head_dim=8, text_width=8, text_tower_steps=2, unet_steps=3, batch_size=2, lora_steps=2, lora_rank=2, validate_every=3,
+           gpu_mixed_precision="bf16", cpu_mixed_precision="bf16",
            sampler_strengths=[1.0, 0.5], sampler_decodes=["direct", "residual"], sampler_step_counts=[1, 2], sampler_step_tolerance_db=100.0, sampler_text_guidance=[1.0, 3.0], sampler_image_guidance=[1.0], sampler_clips=2, sampler_i2v_step_counts=[2, 1], sampler_i2v_strengths=[1.0, 0.5], sampler_i2v_decodes=["direct"], sampler_i2v_clips=2)
 
 
@@ -58,6 +59,8 @@ def test_the_recipe_ships_a_model_with_its_record_and_a_lora(built):
     assert i2v == {**recommended, **sweep["i2v"]["chosen"]}
     card = json.loads((lora / CARD_NAME).read_text())
     assert card["config"]["only_motions"] == ["spin"] and card["base"] == str(model)
+    assert card["config"]["mixed_precision"] == "bf16"  # the recipe's precision, on a GPU or not
+    assert json.loads((record / CARD_NAME).read_text())["config"]["mixed_precision"] == "bf16"
     assert not list(model.parent.glob(".tmp-*")), "no staging folder may be left behind"
 
 
