@@ -151,10 +151,10 @@ def build_cache(
 
 
 class CachedClips(Dataset):
-    """``dataset`` items with the cached encoder outputs in place of the pixels."""
+    """``dataset`` items with the cached encoder outputs in place of the pixels (kept with ``with_video``)."""
 
-    def __init__(self, dataset: StickerDataset, folder: str | Path) -> None:
-        self.dataset, self.folder = dataset, Path(folder)
+    def __init__(self, dataset: StickerDataset, folder: str | Path, with_video: bool = False) -> None:
+        self.dataset, self.folder, self.with_video = dataset, Path(folder), with_video
         self.index = json.loads((self.folder / "index.json").read_text(encoding="utf-8"))
         if self.index.get("format") != CACHE_FORMAT or self.index["items"] != len(dataset):
             raise ValueError(f"{self.folder}: cache does not match the dataset ({len(dataset)} clips); delete it")
@@ -180,4 +180,6 @@ class CachedClips(Dataset):
         loss_mask = np.asarray(row["loss_mask"][: self.dataset.num_frames], dtype=np.float32)
         item.update(loss_mask=torch.from_numpy(loss_mask), fps=float(row["fps"]), key=row["key"],
                     caption_en=row["caption_en"], caption_zh=row["caption_zh"])
+        if self.with_video:
+            item["video"] = self.dataset[index]["video"]
         return item

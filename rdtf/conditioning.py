@@ -11,13 +11,18 @@ mask as one more channel, so it can tell a given frame from a fill. Two fills
   latent cross-fade for interpolation). The model then starts from what the baselines
   would give and learns only the motion on top, which a small model learns far sooner.
   With nothing given (t2v) it falls back to the position plane.
+* ``flow``: as ``interpolate``, but the frames between two given frames are the optical-flow
+  interpolation of the given pixels (the ``flow`` baseline, :mod:`rdtf.flow_fill`),
+  encoded by the VAE: the fill then already moves where flow can see the motion, and the
+  model learns what flow misses. The caller encodes them once and passes ``flow_latents``.
 
 What the model denoises (``RDTFConfig.diffusion_space``):
 
 * ``latent`` (stock): the clip's latents;
-* ``residual``: the clip's latents minus the ``interpolate`` fill of its given frames
-  (:func:`diffusion_offset`). A model that predicts nothing then returns exactly the
-  baselines' fill (the static sticker, the cross-fade), even from pure noise, so a small
+* ``residual``: the clip's latents minus the fill of its given frames (``interpolate``'s, or
+  ``flow``'s with ``flow_latents``; :func:`diffusion_offset`). A model that predicts nothing
+  then returns exactly the baselines' fill (the static sticker, the cross-fade or the flow
+  interpolation), even from pure noise, so a small
   model spends none of its capacity re-drawing the given sticker and all of it on motion.
   t2v, with nothing given, denoises plain latents in both spaces.
 """
@@ -26,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-CONDITION_FILLS: tuple[str, ...] = ("position", "interpolate")
+CONDITION_FILLS: tuple[str, ...] = ("position", "interpolate", "flow")
 DIFFUSION_SPACES: tuple[str, ...] = ("latent", "residual")
 
 
@@ -39,31 +44,64 @@ def interpolate_given(values: torch.Tensor, condition_mask: torch.Tensor) -> tor
     return _interpolate_given(values, given, torch.zeros_like(values))
 
 
-def diffusion_offset(latents: torch.Tensor, condition_mask: torch.Tensor, space: str) -> torch.Tensor:
-    """What ``space`` subtracts from ``(B, C, F, h, w)`` clip latents before noising (added back after sampling)."""
+def between_given(condition_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, F)`` bool: the frames strictly between two given frames of a ``(B, F)`` mask (the ``flow`` fill's)."""
+    given = condition_mask > 0.5
+    seen_before = given.int().cummax(dim=1).values.bool()
+    seen_after = given.flip(1).int().cummax(dim=1).values.bool().flip(1)
+    return seen_before & seen_after & ~given
+
+
+def filled_latents(
+    latents: torch.Tensor, condition_mask: torch.Tensor, flow_latents: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The given latents interpolated in time, with the frames between two given ones from ``flow_latents`` if given.
+
+    Clips with nothing given come back as zeros.
+    """
+    filled = interpolate_given(latents, condition_mask)
+    if flow_latents is None:
+        return filled
+    between = between_given(condition_mask.to(latents.device)).view(*condition_mask.shape[:1], 1, -1, 1, 1)
+    return torch.where(between, flow_latents.to(filled), filled)
+
+
+def diffusion_offset(
+    latents: torch.Tensor, condition_mask: torch.Tensor, space: str, flow_latents: torch.Tensor | None = None
+) -> torch.Tensor:
+    """What ``space`` subtracts from ``(B, C, F, h, w)`` clip latents before noising (added back after sampling).
+
+    ``flow_latents``: a ``flow``-fill model's encoded flow frames, so residual space subtracts that fill.
+    """
     if space not in DIFFUSION_SPACES:
         raise ValueError(f"diffusion_space={space!r}: expected one of {', '.join(DIFFUSION_SPACES)}")
-    return interpolate_given(latents, condition_mask) if space == "residual" else torch.zeros_like(latents)
+    return filled_latents(latents, condition_mask, flow_latents) if space == "residual" else torch.zeros_like(latents)
 
 
 def conditioning_latents(
-    latents: torch.Tensor, condition_mask: torch.Tensor, mask_channel: bool, fill: str = "position"
+    latents: torch.Tensor, condition_mask: torch.Tensor, mask_channel: bool, fill: str = "position",
+    flow_latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(B, C, F, h, w)`` clean latents + ``(B, F)`` mask → ``(B, C [+1], F, h, w)`` image latents.
 
     Latents of frames that are not given never reach the result, so callers may pass
-    anything (zeros) there.
+    anything (zeros) there. The ``flow`` fill needs ``flow_latents`` (see :func:`filled_latents`).
     """
     batch, _, frames, height, width = latents.shape
     if condition_mask.shape != (batch, frames):
         raise ValueError(f"condition_mask shape {tuple(condition_mask.shape)} != (batch, frames) = {(batch, frames)}")
     if fill not in CONDITION_FILLS:
         raise ValueError(f"fill={fill!r}: expected one of {', '.join(CONDITION_FILLS)}")
+    if fill == "flow" and flow_latents is None:
+        raise ValueError("fill='flow' needs flow_latents, the encoded flow interpolation (rdtf.flow_fill)")
     positions = torch.arange(frames, device=latents.device, dtype=latents.dtype) / max(frames - 1, 1)
     mask = condition_mask.to(latents.device, latents.dtype).view(batch, 1, frames, 1, 1)
     filler = positions.view(1, 1, frames, 1, 1).expand_as(latents)
-    if fill == "interpolate":
+    if fill != "position":
         filler = _interpolate_given(latents, condition_mask.to(latents.device) > 0.5, filler)
+    if fill == "flow":
+        between = between_given(condition_mask.to(latents.device)).view(batch, 1, frames, 1, 1)
+        filler = torch.where(between, flow_latents.to(filler), filler)
     image_latents = mask * latents + (1 - mask) * filler
     if mask_channel:
         image_latents = torch.cat([image_latents, mask.expand(batch, 1, frames, height, width)], dim=1)

@@ -26,13 +26,16 @@ def to_gray(image: np.ndarray) -> np.ndarray:
 
 
 def optical_flow(src: np.ndarray, dst: np.ndarray, method: str = "dis") -> np.ndarray:
-    """Dense flow ``src → dst`` as ``(H, W, 2)`` float32 pixels (x then y component)."""
+    """Dense flow ``src → dst`` as ``(H, W, 2)`` float32 pixels (x then y component).
+
+    DIS needs frames at least 12 pixels wide or high; smaller ones get Farnebäck.
+    """
     if method not in FLOW_METHODS:
         raise ValueError(f"flow method {method!r}: expected one of {', '.join(FLOW_METHODS)}")
     a, b = to_gray(src), to_gray(dst)
     if a.shape != b.shape:
         raise ValueError(f"optical_flow: frames differ in size, {a.shape} vs {b.shape}")
-    if method == "dis":
+    if method == "dis" and max(a.shape) >= 12:
         return cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM).calc(a, b, None)
     return cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0)
 

@@ -8,11 +8,12 @@ stock model exactly for its own case (one given frame at position 0) and general
 * given frames' VAE latents (posterior mean x scaling factor) sit at their positions in
   ``image_latents``; every other position carries the stock position signal, a constant
   plane ``i / (F - 1)``, or for models saved with ``condition_fill="interpolate"`` the
-  given latents interpolated in time (:mod:`rdtf.conditioning`); a UNet with a mask
-  channel also reads the condition mask;
-* a model saved with ``diffusion_space="residual"`` denoises the clip minus that
-  interpolated fill and adds the fill back at the end, so it returns the baselines' fill
-  even from pure noise when it predicts no motion;
+  given latents interpolated in time (:mod:`rdtf.conditioning`), with ``"flow"`` the
+  frames between two given ones drawn by optical flow and encoded (:mod:`rdtf.flow_fill`);
+  a UNet with a mask channel also reads the condition mask;
+* a model saved with ``diffusion_space="residual"`` denoises the clip minus that fill and
+  adds the fill back at the end, so it returns the baselines' fill even from pure noise
+  when it predicts no motion;
 * the CLIP image embedding comes from the first given frame (zero when none is given);
 * classifier-free guidance on text and image separately:
   ``eps = u + s_img (i - u) + s_txt (f - i)`` with u = negative text + zero image,
@@ -44,7 +45,8 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from rdtf.conditioning import conditioning_latents, diffusion_offset, interpolate_given
+from rdtf.conditioning import conditioning_latents, diffusion_offset, filled_latents, interpolate_given
+from rdtf.flow_fill import flow_fill_latents, flow_filled_frames
 from rdtf.io import SUFFIX_FORMATS, Clip, composite_over, write_clip
 from rdtf.masks import TASK_USES_TEXT, TASKS, condition_mask as task_condition_mask, mask_from_string
 from rdtf.models import (
@@ -360,8 +362,9 @@ class RDTFPipeline:
             background=background,
         )
         given_latents, mask = self._given_latents(request)
-        latents = self._denoise(request, given_latents, mask, progress)
-        video = self._decode(latents, request, given_latents, mask)
+        flow_latents = self._flow_latents(request, mask)
+        latents = self._denoise(request, given_latents, mask, flow_latents, progress)
+        video = self._decode(latents, request, given_latents, mask, flow_latents)
         if keep_given:
             for position, frame in request.given.items():
                 video[position] = frame.astype(np.float32) / 255.0
@@ -582,6 +585,20 @@ class RDTFPipeline:
             mask[0, position] = 1.0
         return latents, mask
 
+    def _given_frames(self, request: _Request) -> np.ndarray:
+        """``(F, H, W, 3)`` uint8: the given frames where they sit, black elsewhere."""
+        frames = np.zeros((request.num_frames, request.height, request.width, 3), np.uint8)
+        for position, frame in request.given.items():
+            frames[position] = frame
+        return frames
+
+    def _flow_latents(self, request: _Request, mask: torch.Tensor) -> torch.Tensor | None:
+        """A ``flow``-fill model's encoded flow frames (``(1, C, F, h, w)``); None for the other fills."""
+        if self.components.config.condition_fill != "flow" or not request.given:
+            return None
+        with self._running(self.components.vae):
+            return flow_fill_latents(self.components.vae, self._given_frames(request)[None], mask).to(self.device)
+
     def _guidance_branches(self, request: _Request) -> tuple[list[tuple[str, bool]], Callable[..., torch.Tensor]]:
         """The (text, with_image) conditions to evaluate and how to combine their predictions."""
         has_image = bool(request.given)
@@ -602,7 +619,8 @@ class RDTFPipeline:
         return branches, combine
 
     def _denoise(
-        self, request: _Request, given_latents: torch.Tensor, mask: torch.Tensor, progress: bool
+        self, request: _Request, given_latents: torch.Tensor, mask: torch.Tensor, flow_latents: torch.Tensor | None,
+        progress: bool,
     ) -> torch.Tensor:
         components = self.components
         unet = components.unet
@@ -620,21 +638,22 @@ class RDTFPipeline:
         text_batch = torch.stack([texts[text] for text, _ in branches]).to(dtype)
         image_batch = torch.stack([image_embedding if with_image else zero_embedding for _, with_image in branches])
         image_batch = image_batch.to(dtype)
-        image_latents = conditioning_latents(given_latents, mask, has_mask_channel(unet), components.config.condition_fill)
+        image_latents = conditioning_latents(given_latents, mask, has_mask_channel(unet), components.config.condition_fill,
+                                             flow_latents)
         image_latents = image_latents.to(dtype).expand(count, -1, -1, -1, -1)
         fps = torch.full((count,), request.fps, device=self.device)
 
         scheduler = make_scheduler(request.scheduler, components.scheduler.config)
         scheduler.set_timesteps(request.steps, device=self.device)
         timesteps = scheduler.timesteps
-        offset = diffusion_offset(given_latents, mask, components.config.diffusion_space)
+        offset = diffusion_offset(given_latents, mask, components.config.diffusion_space, flow_latents)
         noise = initial_noise(given_latents.shape, request.seed).to(self.device)
         if request.strength < 1 and request.given:
             skipped = min(request.steps - round(request.steps * request.strength), request.steps - 1) * scheduler.order
             timesteps = timesteps[skipped:]
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(skipped)
-            latents = scheduler.add_noise(interpolate_given(given_latents, mask) - offset, noise, timesteps[:1])
+            latents = scheduler.add_noise(filled_latents(given_latents, mask, flow_latents) - offset, noise, timesteps[:1])
         else:
             latents = noise * scheduler.init_noise_sigma
         step_kwargs = {}
@@ -657,7 +676,8 @@ class RDTFPipeline:
         return latents + offset
 
     def _decode(
-        self, latents: torch.Tensor, request: _Request, given_latents: torch.Tensor, mask: torch.Tensor
+        self, latents: torch.Tensor, request: _Request, given_latents: torch.Tensor, mask: torch.Tensor,
+        flow_latents: torch.Tensor | None,
     ) -> np.ndarray:
         vae, chunk_size = self.components.vae, request.decode_chunk_size
 
@@ -667,11 +687,14 @@ class RDTFPipeline:
         with self._running(vae):
             pixels = decoded(latents)
             if request.decode == "residual" and request.given:
-                pixels = pixels - decoded(interpolate_given(given_latents, mask)) + self._given_pixel_fill(request, mask)
+                fill = decoded(filled_latents(given_latents, mask, flow_latents))
+                pixels = pixels - fill + self._given_pixel_fill(request, mask, flow=flow_latents is not None)
         return (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
-    def _given_pixel_fill(self, request: _Request, mask: torch.Tensor) -> torch.Tensor:
-        """``(F, 3, H, W)`` pixels in [-1, 1]: the given frames interpolated in time like the latent fill."""
+    def _given_pixel_fill(self, request: _Request, mask: torch.Tensor, flow: bool) -> torch.Tensor:
+        """``(F, 3, H, W)`` pixels in [-1, 1]: the given frames filled in time like the latent fill."""
+        if flow:
+            return frames_to_pixels(flow_filled_frames(self._given_frames(request), mask[0].cpu().numpy())).to(self.device)
         pixels = torch.zeros(1, 3, request.num_frames, request.height, request.width, device=self.device)
         for position, frame in request.given.items():
             pixels[0, :, position] = frames_to_pixels(frame[None])[0].to(self.device)

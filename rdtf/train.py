@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from rdtf import checkpoint as ckpt
 from rdtf.cache import CachedClips, build_cache, encode_items, encoder_fingerprint
 from rdtf.conditioning import conditioning_latents, diffusion_offset
+from rdtf.flow_fill import flow_fill_latents, video_frames
 from rdtf.curriculum import CURRICULA, TASK_GROUP, TaskCurriculum
 from rdtf.data import MANIFEST_FILE, StickerDataset
 from rdtf.io import write_atomic
@@ -284,13 +285,14 @@ def sample_timesteps(
 
 def noised_and_target(
     scheduler: Any, latents: torch.Tensor, condition_mask: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-    space: str,
+    space: str, flow_latents: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The UNet's noisy input and what it regresses, for clean ``latents`` in the model's diffusion space.
 
-    The target is the noise (epsilon models) or the velocity (v-prediction).
+    The target is the noise (epsilon models) or the velocity (v-prediction). ``flow_latents``:
+    a ``flow``-fill model's encoded flow frames (:func:`rdtf.flow_fill.flow_fill_latents`).
     """
-    clean = latents - diffusion_offset(latents, condition_mask, space)
+    clean = latents - diffusion_offset(latents, condition_mask, space, flow_latents)
     noisy = scheduler.add_noise(clean, noise, timesteps)
     if scheduler.config.prediction_type == "epsilon":
         return noisy, noise
@@ -474,7 +476,8 @@ def train(config: TrainConfig) -> Path:
         if accelerator.is_main_process:
             build_cache(components, train_set, cache_root, fingerprint, progress=config.progress)
         accelerator.wait_for_everyone()
-        source = CachedClips(train_set, build_cache(components, train_set, cache_root, fingerprint, progress=False))
+        source = CachedClips(train_set, build_cache(components, train_set, cache_root, fingerprint, progress=False),
+                             with_video=fill == "flow")  # the flow fill is drawn from the pixels
         empty_text = source.empty_text().to(device)
     else:
         source = train_set
@@ -536,7 +539,9 @@ def train(config: TrainConfig) -> Path:
                 noise += config.offset_noise * torch.randn((*latents.shape[:2], 1, 1, 1), generator=generator).to(device)
             shift = torch.tensor([config.timestep_shift if TASK_GROUP[task] == "generation" else 1.0 for task in tasks])
             timesteps = sample_timesteps(size, noise_scheduler.config.num_train_timesteps, shift, generator).to(device)
-            noisy, target = noised_and_target(noise_scheduler, latents, cond_mask, noise, timesteps, space)
+            flow_latents = (flow_fill_latents(components.vae, video_frames(batch["video"]), cond_mask).to(device)
+                            if fill == "flow" else None)
+            noisy, target = noised_and_target(noise_scheduler, latents, cond_mask, noise, timesteps, space, flow_latents)
             fps = batch["fps"].to(device).float()
 
             sync = accum_index == config.grad_accum - 1
@@ -545,7 +550,7 @@ def train(config: TrainConfig) -> Path:
                     noisy,
                     timesteps,
                     fps=fps,
-                    image_latents=conditioning_latents(latents, cond_mask, mask_channel, fill),
+                    image_latents=conditioning_latents(latents, cond_mask, mask_channel, fill, flow_latents),
                     image_embeddings=image_embeds,
                     encoder_hidden_states=text,
                     return_dict=False,
@@ -704,13 +709,18 @@ class _Validation:
         captions = encode_text(self.components, [item["caption_en"] for item in self.items]).float()
         empty = encode_text(self.components, [""]).float().expand_as(captions)
         results = {}
+        fill = self.components.config.condition_fill
         for task in self.config.tasks:
             mask = condition_mask(task, frames).to(latents.device).expand(size, -1) * loss_mask
             image = self.inputs["frame_embeds"][:, 0:1] * (mask[:, :1] > 0).view(-1, 1, 1)
+            flow_latents = None
+            if fill == "flow":
+                clips = video_frames(torch.stack([item["video"] for item in self.items]))
+                flow_latents = flow_fill_latents(self.components.vae, clips, mask).to(latents.device)
             noisy, target = noised_and_target(scheduler, latents, mask, noise, timesteps,
-                                              self.components.config.diffusion_space)
+                                              self.components.config.diffusion_space, flow_latents)
             with self.accelerator.autocast():
-                image_latents = conditioning_latents(latents, mask, has_mask_channel(unet), self.components.config.condition_fill)
+                image_latents = conditioning_latents(latents, mask, has_mask_channel(unet), fill, flow_latents)
                 given = {"fps": fps, "image_latents": image_latents, "image_embeddings": image, "return_dict": False}
                 prediction = unet(noisy, timesteps, encoder_hidden_states=captions if task != "i2v" else empty, **given)[0]
                 if task == "it2v" and size > 1:  # every clip under the next clip's caption

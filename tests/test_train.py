@@ -191,14 +191,21 @@ def test_residual_space_trains_a_static_clip_like_an_empty_one_and_the_model_kee
         torch.testing.assert_close(got, want)  # nothing to denoise but the noise: the fill is the answer
     assert not torch.allclose(noised_and_target(scheduler, static, mask, noise, timesteps, "latent")[1], nothing[1])
 
+
+
+@pytest.mark.parametrize("fill", ["interpolate", "flow"])
+def test_a_residual_space_model_trains_and_keeps_its_space_and_fill(workspace, tmp_path, fill):
     base = tmp_path / "residual-model"
-    build_tiny_components(seed=0, sample_size=8, image_size=16, condition_fill="interpolate",
+    build_tiny_components(seed=0, sample_size=8, image_size=16, condition_fill=fill,
                           diffusion_space="residual").save_pretrained(base)
-    out = train(_config(workspace, "residual", base=str(base), mode="full", max_steps=2, validate_every=2))
-    assert load_components(out / "model").config.diffusion_space == "residual"
+    out = train(_config(workspace, f"residual-{fill}", base=str(base), mode="full", max_steps=2, validate_every=2,
+                        batch_size=4))
+    config = load_components(out / "model").config
+    assert (config.diffusion_space, config.condition_fill) == ("residual", fill)
     with open(out / LOG_NAME) as handle:
-        last = list(csv.DictReader(handle))[-1]
-    assert all(math.isfinite(float(last[f"val_{task}"])) for task in ("i2v", "interpolation"))
+        rows = list(csv.DictReader(handle))
+    assert all(math.isfinite(float(rows[-1][f"val_{task}"])) for task in ("i2v", "interpolation"))
+    assert all(math.isfinite(float(row["loss"])) for row in rows)
 
 
 def test_text_tower_trains_with_the_unet_and_resumes_exactly(workspace, tmp_path):
