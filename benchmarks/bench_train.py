@@ -56,10 +56,9 @@ def _recipe_model(root: Path) -> Path:
 
 def _run(model: Path, data: Path, out: Path, steps: int, **overrides) -> dict:
     """One training run in a fresh process; returns wall seconds and peak RSS."""
-    config = dict(base=str(model), data=str(data), output_dir=str(out), split=None, max_steps=steps, batch_size=4,
-                  checkpoint_every=10_000, validate_every=10_000, log_every=1, progress=False, trackers=[],
-                  cache_dir=str(out.parent / "cache"))
-    config.update(overrides)
+    config = {"base": str(model), "data": str(data), "output_dir": str(out), "split": None, "max_steps": steps,
+              "batch_size": 4, "checkpoint_every": 10_000, "validate_every": 10_000, "log_every": 1, "progress": False,
+              "trackers": [], "cache_dir": str(out.parent / "cache"), **overrides}
     code = (
         "import json, resource, time, torch\n"
         "from rdtf.train import TrainConfig, train\n"
@@ -98,7 +97,7 @@ def main() -> None:
             "cached + bf16 autocast": _run(model, data, root / "bf16", args.steps, mixed_precision="bf16"),
         }
         recipe_model = _recipe_model(root)
-        full = dict(mode="full", batch_size=32, ema_decay=0.999)
+        full = {"mode": "full", "batch_size": 32, "ema_decay": 0.999}
         _run(recipe_model, data, root / "recipe-warm", 2, **full)
         recipe_runs = {
             "fp32": _run(recipe_model, data, root / "recipe-fp32", args.steps, **full),
@@ -119,10 +118,10 @@ def main() -> None:
         *(f"| {name} | {r['step_seconds']:.2f} | {1 / r['step_seconds']:.2f} | {r['max_rss_mb']:.0f} | {r['mean_loss']:.4f} |"
           for name, r in runs.items()),
         "",
-        f"Cache speed-up: {runs['on the fly']['step_seconds'] / runs['cached']['step_seconds']:.2f}x. "
-        f"Gradient checkpointing: peak RSS {runs['cached + gradient checkpointing']['max_rss_mb'] / runs['cached']['max_rss_mb']:.2f}x, "
-        f"time per step {runs['cached + gradient checkpointing']['step_seconds'] / runs['cached']['step_seconds']:.2f}x. "
-        f"bf16 autocast: time per step {runs['cached + bf16 autocast']['step_seconds'] / runs['cached']['step_seconds']:.2f}x.",
+        (f"Cache speed-up: {runs['on the fly']['step_seconds'] / runs['cached']['step_seconds']:.2f}x. "
+         f"Gradient checkpointing: peak RSS {runs['cached + gradient checkpointing']['max_rss_mb'] / runs['cached']['max_rss_mb']:.2f}x, "
+         f"time per step {runs['cached + gradient checkpointing']['step_seconds'] / runs['cached']['step_seconds']:.2f}x. "
+         f"bf16 autocast: time per step {runs['cached + bf16 autocast']['step_seconds'] / runs['cached']['step_seconds']:.2f}x."),
         "",
         "## The rdtf-tiny recipe's base training",
         "",

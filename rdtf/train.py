@@ -39,9 +39,9 @@ from tqdm.auto import tqdm
 from rdtf import checkpoint as ckpt
 from rdtf.cache import CachedClips, build_cache, encode_items, encoder_fingerprint
 from rdtf.conditioning import conditioning_latents, diffusion_offset
-from rdtf.flow_fill import flow_fill_latents, video_frames
 from rdtf.curriculum import CURRICULA, TASK_GROUP, TaskCurriculum
 from rdtf.data import MANIFEST_FILE, StickerDataset
+from rdtf.flow_fill import flow_fill_latents, video_frames
 from rdtf.io import write_atomic
 from rdtf.lora import LORA_PRESETS, attach_lora, save_lora
 from rdtf.masks import TASKS, condition_mask
