@@ -41,7 +41,23 @@ def interpolate_given(values: torch.Tensor, condition_mask: torch.Tensor) -> tor
     Latents or pixels alike; clips with nothing given come back as zeros.
     """
     given = condition_mask.to(values.device) > 0.5
-    return _interpolate_given(values, given, torch.zeros_like(values))
+    batch, _, frames = values.shape[:3]
+    index = torch.arange(frames, device=values.device).expand(batch, frames)
+    before = torch.where(given, index, -1).cummax(dim=1).values
+    after = torch.where(given, index, frames).flip(1).cummin(dim=1).values.flip(1)
+    before_or_after = torch.where(before < 0, after, before)
+    after_or_before = torch.where(after >= frames, before, after)
+    span = (after_or_before - before_or_after).clamp(min=1)
+    weight = ((index - before_or_after).clamp(min=0) / span).clamp(max=1).to(values.dtype)
+
+    def frames_at(position: torch.Tensor) -> torch.Tensor:
+        gather = position.clamp(0, frames - 1).view(batch, 1, frames, 1, 1).expand_as(values)
+        return values.gather(2, gather)
+
+    weight = weight.view(batch, 1, frames, 1, 1)
+    filled = (1 - weight) * frames_at(before_or_after) + weight * frames_at(after_or_before)
+    nothing_given = ~given.any(dim=1)
+    return torch.where(nothing_given.view(batch, 1, 1, 1, 1), torch.zeros_like(filled), filled)
 
 
 def between_given(condition_mask: torch.Tensor) -> torch.Tensor:
@@ -85,45 +101,23 @@ def conditioning_latents(
     """``(B, C, F, h, w)`` clean latents + ``(B, F)`` mask → ``(B, C [+1], F, h, w)`` image latents.
 
     Latents of frames that are not given never reach the result, so callers may pass
-    anything (zeros) there. The ``flow`` fill needs ``flow_latents`` (see :func:`filled_latents`).
+    anything (zeros) there. The ``flow`` fill needs ``flow_latents`` where a frame lies between
+    two given ones (see :func:`filled_latents`).
     """
     batch, _, frames, height, width = latents.shape
     if condition_mask.shape != (batch, frames):
         raise ValueError(f"condition_mask shape {tuple(condition_mask.shape)} != (batch, frames) = {(batch, frames)}")
     if fill not in CONDITION_FILLS:
         raise ValueError(f"fill={fill!r}: expected one of {', '.join(CONDITION_FILLS)}")
-    if fill == "flow" and flow_latents is None:
+    if fill == "flow" and flow_latents is None and between_given(condition_mask).any():
         raise ValueError("fill='flow' needs flow_latents, the encoded flow interpolation (rdtf.flow_fill)")
     positions = torch.arange(frames, device=latents.device, dtype=latents.dtype) / max(frames - 1, 1)
     mask = condition_mask.to(latents.device, latents.dtype).view(batch, 1, frames, 1, 1)
     filler = positions.view(1, 1, frames, 1, 1).expand_as(latents)
-    if fill != "position":
-        filler = _interpolate_given(latents, condition_mask.to(latents.device) > 0.5, filler)
-    if fill == "flow":
-        between = between_given(condition_mask.to(latents.device)).view(batch, 1, frames, 1, 1)
-        filler = torch.where(between, flow_latents.to(filler), filler)
+    if fill != "position":  # t2v, with nothing given, keeps the position plane
+        nothing_given = (mask <= 0.5).all(dim=2, keepdim=True)
+        filler = torch.where(nothing_given, filler, filled_latents(latents, condition_mask, flow_latents))
     image_latents = mask * latents + (1 - mask) * filler
     if mask_channel:
         image_latents = torch.cat([image_latents, mask.expand(batch, 1, frames, height, width)], dim=1)
     return image_latents
-
-
-def _interpolate_given(latents: torch.Tensor, given: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-    """Per clip, each frame from its nearest given neighbours (linear in time); ``fallback`` where none is given."""
-    batch, _, frames = latents.shape[:3]
-    index = torch.arange(frames, device=latents.device).expand(batch, frames)
-    before = torch.where(given, index, -1).cummax(dim=1).values
-    after = torch.where(given, index, frames).flip(1).cummin(dim=1).values.flip(1)
-    before_or_after = torch.where(before < 0, after, before)
-    after_or_before = torch.where(after >= frames, before, after)
-    span = (after_or_before - before_or_after).clamp(min=1)
-    weight = ((index - before_or_after).clamp(min=0) / span).clamp(max=1).to(latents.dtype)
-
-    def frames_at(position: torch.Tensor) -> torch.Tensor:
-        gather = position.clamp(0, frames - 1).view(batch, 1, frames, 1, 1).expand_as(latents)
-        return latents.gather(2, gather)
-
-    weight = weight.view(batch, 1, frames, 1, 1)
-    filled = (1 - weight) * frames_at(before_or_after) + weight * frames_at(after_or_before)
-    nothing_given = ~given.any(dim=1)
-    return torch.where(nothing_given.view(batch, 1, 1, 1, 1), fallback, filled)

@@ -33,6 +33,14 @@ def flow_filled_frames(frames: np.ndarray, condition_mask: np.ndarray) -> np.nda
     return flow_interpolation(case)[..., :3]
 
 
+def encode_clips(vae: AutoencoderKL, clips: np.ndarray) -> torch.Tensor:
+    """``(B, F, H, W, 3)`` uint8 clips → ``(B, C, F, h, w)`` float32 latents (on the VAE's device)."""
+    batch, num_frames = clips.shape[:2]
+    with torch.no_grad():
+        latents = encode_frames(vae, frames_to_pixels(clips.reshape(-1, *clips.shape[2:]))).float()
+    return latents.view(batch, num_frames, *latents.shape[1:]).permute(0, 2, 1, 3, 4)
+
+
 def flow_fill_latents(vae: AutoencoderKL, frames: np.ndarray, condition_mask: torch.Tensor) -> torch.Tensor:
     """``(B, F, H, W, 3)`` uint8 clips + ``(B, F)`` masks → ``(B, C, F, h, w)`` latents of their flow fill.
 
@@ -43,13 +51,9 @@ def flow_fill_latents(vae: AutoencoderKL, frames: np.ndarray, condition_mask: to
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     out = torch.zeros(batch, vae.config.latent_channels, num_frames, height // scale, width // scale)
     clips = torch.nonzero(between_given(condition_mask.cpu()).any(dim=1)).flatten().tolist()
-    if not clips:
-        return out
-    masks = condition_mask.cpu().numpy()
-    filled = np.concatenate([flow_filled_frames(frames[i], masks[i]) for i in clips])
-    with torch.no_grad():
-        latents = encode_frames(vae, frames_to_pixels(filled)).float().cpu()
-    out[clips] = latents.view(len(clips), num_frames, *latents.shape[1:]).permute(0, 2, 1, 3, 4)
+    if clips:
+        masks = condition_mask.cpu().numpy()
+        out[clips] = encode_clips(vae, np.stack([flow_filled_frames(frames[i], masks[i]) for i in clips])).cpu()
     return out
 
 

@@ -46,7 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rdtf.conditioning import conditioning_latents, diffusion_offset, filled_latents, interpolate_given
-from rdtf.flow_fill import flow_fill_latents, flow_filled_frames
+from rdtf.flow_fill import encode_clips, flow_filled_frames
 from rdtf.io import SUFFIX_FORMATS, Clip, composite_over, write_clip
 from rdtf.masks import TASK_USES_TEXT, TASKS, condition_mask as task_condition_mask, mask_from_string
 from rdtf.models import (
@@ -362,9 +362,9 @@ class RDTFPipeline:
             background=background,
         )
         given_latents, mask = self._given_latents(request)
-        flow_latents = self._flow_latents(request, mask)
+        flow_frames, flow_latents = self._flow_fill(request, mask)
         latents = self._denoise(request, given_latents, mask, flow_latents, progress)
-        video = self._decode(latents, request, given_latents, mask, flow_latents)
+        video = self._decode(latents, request, given_latents, mask, flow_frames, flow_latents)
         if keep_given:
             for position, frame in request.given.items():
                 video[position] = frame.astype(np.float32) / 255.0
@@ -592,12 +592,13 @@ class RDTFPipeline:
             frames[position] = frame
         return frames
 
-    def _flow_latents(self, request: _Request, mask: torch.Tensor) -> torch.Tensor | None:
-        """A ``flow``-fill model's encoded flow frames (``(1, C, F, h, w)``); None for the other fills."""
+    def _flow_fill(self, request: _Request, mask: torch.Tensor) -> tuple[np.ndarray | None, torch.Tensor | None]:
+        """A ``flow``-fill model's fill, ``(F, H, W, 3)`` uint8 and its ``(1, C, F, h, w)`` latents; Nones otherwise."""
         if self.components.config.condition_fill != "flow" or not request.given:
-            return None
+            return None, None
+        frames = flow_filled_frames(self._given_frames(request), mask[0].cpu().numpy())
         with self._running(self.components.vae):
-            return flow_fill_latents(self.components.vae, self._given_frames(request)[None], mask).to(self.device)
+            return frames, encode_clips(self.components.vae, frames[None]).to(self.device)
 
     def _guidance_branches(self, request: _Request) -> tuple[list[tuple[str, bool]], Callable[..., torch.Tensor]]:
         """The (text, with_image) conditions to evaluate and how to combine their predictions."""
@@ -677,7 +678,7 @@ class RDTFPipeline:
 
     def _decode(
         self, latents: torch.Tensor, request: _Request, given_latents: torch.Tensor, mask: torch.Tensor,
-        flow_latents: torch.Tensor | None,
+        flow_frames: np.ndarray | None, flow_latents: torch.Tensor | None,
     ) -> np.ndarray:
         vae, chunk_size = self.components.vae, request.decode_chunk_size
 
@@ -688,13 +689,13 @@ class RDTFPipeline:
             pixels = decoded(latents)
             if request.decode == "residual" and request.given:
                 fill = decoded(filled_latents(given_latents, mask, flow_latents))
-                pixels = pixels - fill + self._given_pixel_fill(request, mask, flow=flow_latents is not None)
+                pixels = pixels - fill + self._given_pixel_fill(request, mask, flow_frames)
         return (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
-    def _given_pixel_fill(self, request: _Request, mask: torch.Tensor, flow: bool) -> torch.Tensor:
+    def _given_pixel_fill(self, request: _Request, mask: torch.Tensor, flow_frames: np.ndarray | None) -> torch.Tensor:
         """``(F, 3, H, W)`` pixels in [-1, 1]: the given frames filled in time like the latent fill."""
-        if flow:
-            return frames_to_pixels(flow_filled_frames(self._given_frames(request), mask[0].cpu().numpy())).to(self.device)
+        if flow_frames is not None:
+            return frames_to_pixels(flow_frames).to(self.device)
         pixels = torch.zeros(1, 3, request.num_frames, request.height, request.width, device=self.device)
         for position, frame in request.given.items():
             pixels[0, :, position] = frames_to_pixels(frame[None])[0].to(self.device)

@@ -116,6 +116,9 @@ def test_the_flow_fill_replaces_only_the_frames_between_two_given_ones():
     torch.testing.assert_close(filled_latents(latents, mask, flow), out[:, :-1])
     with pytest.raises(ValueError, match="fill='flow' needs flow_latents"):
         conditioning_latents(latents, mask, mask_channel=True, fill="flow")
+    i2v = condition_mask("i2v", F).expand(2, -1)  # no frame between two given ones: nothing to draw by flow
+    torch.testing.assert_close(conditioning_latents(latents, i2v, mask_channel=True, fill="flow"),
+                               conditioning_latents(latents, i2v, mask_channel=True, fill="interpolate"))
 
 
 def _sliding_square(size: int = 32, step: int = 2) -> np.ndarray:
@@ -242,3 +245,8 @@ def test_a_residual_flow_fill_model_that_predicts_no_residual_returns_the_flow_b
                                         strength=strength, decode="residual", keep_given=False, seed=5, progress=False)
     expected = flow_filled_frames(frames, condition_mask("interpolation", F).numpy()).astype(np.float32) / 255
     np.testing.assert_allclose(out, expected, atol=1e-5)
+    i2v = RDTFPipeline(loaded).generate(image=frames[0], task="i2v", num_inference_steps=2, strength=strength,
+                                        decode="residual", seed=5, progress=False)
+    np.testing.assert_allclose(i2v, np.broadcast_to(frames[0] / 255, i2v.shape), atol=1e-5)  # nothing between: held
+    assert RDTFPipeline(loaded).generate(prompt="a ball", task="t2v", num_frames=F, height=16, width=16,
+                                         num_inference_steps=2, seed=5, progress=False).shape == (F, 16, 16, 3)
