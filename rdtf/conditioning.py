@@ -2,7 +2,7 @@
 
 ``image_latents`` of I2VGen-XL carry, per frame, either a given frame's clean latent or a
 fill for the frames to generate. A model with the mask channel also reads the condition
-mask as one more channel, so it can tell a given frame from a fill. Two fills
+mask as one more channel, so it can tell a given frame from a fill. Three fills
 (``RDTFConfig.condition_fill``):
 
 * ``position`` (stock I2VGen-XL): a constant plane ``i / (F - 1)``;
@@ -22,8 +22,8 @@ What the model denoises (``RDTFConfig.diffusion_space``):
 * ``residual``: the clip's latents minus the fill of its given frames (``interpolate``'s, or
   ``flow``'s with ``flow_latents``; :func:`diffusion_offset`). A model that predicts nothing
   then returns exactly the baselines' fill (the static sticker, the cross-fade or the flow
-  interpolation), even from pure noise, so a small
-  model spends none of its capacity re-drawing the given sticker and all of it on motion.
+  interpolation), even from pure noise, so a small model spends none of its capacity
+  re-drawing the given sticker and all of it on motion.
   t2v, with nothing given, denoises plain latents in both spaces.
 """
 

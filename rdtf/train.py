@@ -691,6 +691,9 @@ class _Validation:
         self.items = [dataset[i] for i in range(count)]
         with torch.no_grad():
             self.inputs = {k: v.to(accelerator.device) for k, v in encode_items(components, self.items).items()}
+        # a flow-fill model draws each task's fill from these pixels
+        self.frames = (video_frames(torch.stack([item["video"] for item in self.items]))
+                       if components.config.condition_fill == "flow" else None)
 
     @torch.no_grad()
     def losses(self, unet: torch.nn.Module) -> dict[str, float]:
@@ -715,8 +718,7 @@ class _Validation:
             image = self.inputs["frame_embeds"][:, 0:1] * (mask[:, :1] > 0).view(-1, 1, 1)
             flow_latents = None
             if fill == "flow":
-                clips = video_frames(torch.stack([item["video"] for item in self.items]))
-                flow_latents = flow_fill_latents(self.components.vae, clips, mask).to(latents.device)
+                flow_latents = flow_fill_latents(self.components.vae, self.frames, mask).to(latents.device)
             noisy, target = noised_and_target(scheduler, latents, mask, noise, timesteps,
                                               self.components.config.diffusion_space, flow_latents)
             with self.accelerator.autocast():
