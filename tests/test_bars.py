@@ -13,6 +13,7 @@ from built_in import built_in_dataset
 
 from rdtf.bars import (
     BarSettings,
+    i2v_motion,
     measure_quality_bars,
     motion_variants,
     text_control_bars,
@@ -109,3 +110,13 @@ def test_a_whole_run_on_a_toy_model_scores_every_bar_and_writes_its_table(data, 
 def test_a_missing_lora_is_named_before_any_work(data, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         measure_quality_bars(tmp_path / "model", data, lora=tmp_path / "nope.safetensors")
+
+
+def test_i2v_motion_says_whether_and_how_much_the_clips_move_against_the_ground_truth():
+    truth = [0.5, 1.0, 1.0, 1.0, 1.5]
+    rows = [{"flow_magnitude": 0.5 * gt, "flow_magnitude_gt": gt, "sharpness": s, "sharpness_gt": 1.0}
+            for gt, s in zip(truth, [1.0, 0.9, 0.5, 1.1, 1.3])]
+    motion = i2v_motion(rows)
+    assert motion["flow_ratio"] == pytest.approx(0.5)  # every clip moves half as much as its truth
+    assert motion["moving"] == pytest.approx(0.2)  # only 0.75 px/frame lies in the truth's 10-90th percentiles
+    assert motion["sharpness"] == pytest.approx(1.0) and motion["sharp_share"] == pytest.approx(0.6)

@@ -43,20 +43,33 @@ def test_the_recipe_ships_a_model_with_its_record_and_a_lora(built):
     assert (record / LOG_NAME).exists() and (record / "autoencoder_metrics.json").exists()
     assert json.loads((record / "text_tower_metrics.json").read_text())["steps"] == 2
     sweep = json.loads((record / SWEEP_NAME).read_text())
-    assert set(sweep["mean_psnr_db"]) == {"text 1 image 1", "text 3 image 1"}
-    recommended = RDTFPipeline.from_pretrained(model).sampler_settings
-    by_start = sweep["mean_psnr_db_by_strength_and_decode"]
+    shared = sweep["shared"]
+    assert shared["tasks"] == ["it2v", "interpolation"]
+    assert set(shared["psnr_db_by_guidance"]) == {"text 1 image 1", "text 3 image 1"}
+    config = RDTFPipeline.from_pretrained(model).components.config
+    by_start = shared["psnr_db_by_strength_and_decode"]
     assert set(by_start) == {"1.0 direct", "1.0 residual", "0.5 direct", "0.5 residual"}
-    assert set(sweep["mean_psnr_db_by_steps"]) == {"1", "2"}
-    assert sweep["mean_psnr_db_by_steps"]["2"] == max(by_start.values())  # the most steps were scored once, reused
+    assert set(shared["psnr_db_by_steps"]) == {"1", "2"}
+    assert shared["psnr_db_by_steps"]["2"] == max(by_start.values())  # the most steps were scored once, reused
     best_strength, best_decode = max(by_start, key=by_start.get).split()
-    assert (sweep["chosen"]["strength"], sweep["chosen"]["decode"]) == (float(best_strength), best_decode)
-    assert recommended == sweep["chosen"] and recommended["num_inference_steps"] == 1  # any count is within 100 dB
+    assert (shared["chosen"]["strength"], shared["chosen"]["decode"]) == (float(best_strength), best_decode)
+    assert config.sampler == shared["chosen"] and config.sampler["num_inference_steps"] == 1  # any count is within 100 dB
+    for task in ("it2v", "interpolation"):  # each swept task's own choice, from its own clips
+        own = sweep["by_task"][task]
+        assert own["tasks"] == [task]
+        by_own_start = own["psnr_db_by_strength_and_decode"]
+        strength, decode = max(by_own_start, key=by_own_start.get).split()
+        assert (own["chosen"]["strength"], own["chosen"]["decode"]) == (float(strength), decode)
+        assert {**config.sampler, **config.task_sampler.get(task, {})} == own["chosen"]
+    # the shared choice is scored on the mean of the tasks' own scores of the same options
+    for name, psnr in shared["psnr_db_by_guidance"].items():
+        own = [sweep["by_task"][task]["psnr_db_by_guidance"][name] for task in ("it2v", "interpolation")]
+        assert psnr == pytest.approx(np.mean(own))
     i2v_scores = sweep["i2v"]["by_steps_strength_and_decode"]
     assert list(i2v_scores) == ["1 steps 1 direct", "1 steps 0.5 direct", "2 steps 1 direct", "2 steps 0.5 direct"]
     assert all(np.isfinite(s["psnr"]) for s in i2v_scores.values())
     i2v = RDTFPipeline.from_pretrained(model).sampler_settings_for("i2v")
-    assert i2v == {**recommended, **sweep["i2v"]["chosen"]}
+    assert i2v == {**config.sampler, **sweep["i2v"]["chosen"]}
     card = json.loads((lora / CARD_NAME).read_text())
     assert card["config"]["only_motions"] == ["spin"] and card["base"] == str(model)
     assert card["config"]["mixed_precision"] == "bf16"  # the recipe's precision, on a GPU or not
@@ -82,6 +95,10 @@ def test_a_rerun_skips_finished_stages_and_another_recipe_is_refused(built):
     stamp, sweep_stamp = weights.stat().st_mtime_ns, (model / TRAINING_DIR / SWEEP_NAME).stat().st_mtime_ns
     build_tiny_model(TinyRecipe(**TOY), root / "work", root / "assets" / "toy", progress=False)
     assert weights.stat().st_mtime_ns == stamp and (model / TRAINING_DIR / SWEEP_NAME).stat().st_mtime_ns == sweep_stamp
+    sweep_file = model / TRAINING_DIR / SWEEP_NAME  # a sweep from before the per-task choices is redone
+    sweep_file.write_text(json.dumps({k: v for k, v in json.loads(sweep_file.read_text()).items() if k != "by_task"}))
+    build_tiny_model(TinyRecipe(**TOY), root / "work", root / "assets" / "toy", progress=False)
+    assert "by_task" in json.loads(sweep_file.read_text()) and weights.stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match=r"other \['seed'\]"):
         build_tiny_model(TinyRecipe(**{**TOY, "seed": 1}), root / "work", root / "assets" / "toy", progress=False)
 
@@ -94,7 +111,7 @@ def test_new_sweep_settings_rerun_only_the_sweep(built):
     build_tiny_model(TinyRecipe(**resweep), root / "work", root / "assets" / "toy", progress=False)
     assert weights.stat().st_mtime_ns == stamp
     sweep = json.loads((model / TRAINING_DIR / SWEEP_NAME).read_text())
-    assert set(sweep["mean_psnr_db_by_strength_and_decode"]) == {"0.5 residual"}
+    assert set(sweep["shared"]["psnr_db_by_strength_and_decode"]) == {"0.5 residual"}
     assert json.loads((model / TRAINING_DIR / RECIPE_NAME).read_text())["sampler_decodes"] == ["residual"]
     recommended = RDTFPipeline.from_pretrained(model).sampler_settings
     assert (recommended["strength"], recommended["decode"]) == (0.5, "residual")
@@ -112,7 +129,7 @@ def test_new_i2v_sweep_settings_rerun_only_the_i2v_sweep(built):
     assert set(after["i2v"]["by_steps_strength_and_decode"]) == {"3 steps 0.7 residual"}
     config = json.loads((model / "rdtf_config.json").read_text())
     # residual is already every task's decode, so only what differs is kept
-    assert config["task_sampler"] == {"i2v": {"num_inference_steps": 3, "strength": 0.7}}
+    assert config["task_sampler"]["i2v"] == {"num_inference_steps": 3, "strength": 0.7}
     pipe = RDTFPipeline.from_pretrained(model)
     assert pipe.sampler_settings_for("i2v")["strength"] == 0.7 and pipe.sampler_settings["strength"] == 0.5
     assert pipe.sampler_settings_for("i2v")["num_inference_steps"] == 3 and pipe.sampler_settings["num_inference_steps"] == 1
@@ -154,14 +171,25 @@ def test_the_recommended_step_count_is_the_fewest_within_the_tolerance():
 
 def test_i2v_gets_the_most_moving_sharp_setting_that_keeps_the_stickers_look():
     scores = {  # rdtf-tiny v2 on val clips, rounded: from pure noise it moves but loses the sticker
-        "1 direct": {"psnr": 13.6, "moving": 1.0, "sharpness": 0.86},
-        "0.8 direct": {"psnr": 15.2, "moving": 0.5, "sharpness": 0.94},
-        "0.6 direct": {"psnr": 15.9, "moving": 0.25, "sharpness": 0.96},
-        "0.6 residual": {"psnr": 15.9, "moving": 0.19, "sharpness": 0.97},
-        "0.2 direct": {"psnr": 16.6, "moving": 0.0, "sharpness": 0.95},
+        "1 direct": {"psnr": 13.6, "moving": 1.0, "flow_ratio": 1.0, "sharpness": 0.86},
+        "0.8 direct": {"psnr": 15.2, "moving": 0.5, "flow_ratio": 0.6, "sharpness": 0.94},
+        "0.6 direct": {"psnr": 15.9, "moving": 0.25, "flow_ratio": 0.3, "sharpness": 0.96},
+        "0.6 residual": {"psnr": 15.9, "moving": 0.19, "flow_ratio": 0.3, "sharpness": 0.97},
+        "0.2 direct": {"psnr": 16.6, "moving": 0.0, "flow_ratio": 0.01, "sharpness": 0.95},
     }
     assert most_lifelike(scores, max_psnr_drop_db=1.0) == "0.6 direct"
     assert most_lifelike(scores, max_psnr_drop_db=5.0) == "1 direct"
     assert most_lifelike(scores, max_psnr_drop_db=0.0) == "0.2 direct"
-    blurred = {**scores, "0.6 direct": {"psnr": 15.9, "moving": 0.25, "sharpness": 0.5}}
+    blurred = {**scores, "0.6 direct": {"psnr": 15.9, "moving": 0.25, "flow_ratio": 0.3, "sharpness": 0.5}}
     assert most_lifelike(blurred, max_psnr_drop_db=1.0) == "0.6 residual"  # sharp beats moving
+
+
+def test_among_settings_that_all_move_i2v_gets_the_one_moving_as_much_as_the_ground_truth():
+    scores = {  # rdtf-tiny r1 on val clips, rounded: every option "moves", the first only half as much as the truth
+        "15 steps 0.95 residual": {"psnr": 14.96, "moving": 1.0, "flow_ratio": 0.39, "sharpness": 0.91},
+        "25 steps 0.96 residual": {"psnr": 14.60, "moving": 1.0, "flow_ratio": 0.64, "sharpness": 0.87},
+        "15 steps 1 residual": {"psnr": 13.70, "moving": 1.0, "flow_ratio": 0.95, "sharpness": 0.77},
+    }
+    assert most_lifelike(scores, max_psnr_drop_db=1.0) == "25 steps 0.96 residual"  # the blurred one is not sharp
+    too_much = {**scores, "25 steps 0.96 residual": {**scores["25 steps 0.96 residual"], "flow_ratio": 3.0}}
+    assert most_lifelike(too_much, max_psnr_drop_db=1.0) == "15 steps 0.95 residual"  # 0.39x is nearer than 3x
