@@ -39,7 +39,7 @@ def _workspace(root: Path, size: int) -> tuple[Path, Path]:
     return root / "model", root / "data"
 
 
-def _recipe_model(root: Path) -> Path:
+def recipe_model(root: Path) -> Path:
     """The rdtf-tiny recipe's untrained model (random weights: speed does not depend on them)."""
     from rdtf.models import build_tiny_components
     from rdtf.tiny import TinyRecipe
@@ -54,8 +54,8 @@ def _recipe_model(root: Path) -> Path:
     return root / "recipe-model"
 
 
-def _run(model: Path, data: Path, out: Path, steps: int, **overrides) -> dict:
-    """One training run in a fresh process; returns wall seconds and peak RSS."""
+def run_training(model: Path, data: Path, out: Path, steps: int, **overrides) -> dict:
+    """One training run in a fresh process; returns seconds per step, peak RSS (and GPU memory) and mean loss."""
     config = {"base": str(model), "data": str(data), "output_dir": str(out), "split": None, "max_steps": steps,
               "batch_size": 4, "checkpoint_every": 10_000, "validate_every": 10_000, "log_every": 1, "progress": False,
               "trackers": [], "cache_dir": str(out.parent / "cache"), **overrides}
@@ -64,7 +64,8 @@ def _run(model: Path, data: Path, out: Path, steps: int, **overrides) -> dict:
         "from rdtf.train import TrainConfig, train\n"
         f"config = TrainConfig(**{config!r})\n"
         "train(config)\n"
-        "print(json.dumps({'max_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
+        "print(json.dumps({'max_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,\n"
+        "                  'max_gpu_mb': torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0}))\n"
     )
     output = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     result = json.loads(output.strip().splitlines()[-1])
@@ -89,19 +90,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model, data = _workspace(root, args.size)
-        _run(model, data, root / "warm", 2)  # builds the cache once, so "cached" measures training only
+        run_training(model, data, root / "warm", 2)  # builds the cache once, so "cached" measures training only
         runs = {
-            "cached": _run(model, data, root / "cached", args.steps),
-            "on the fly": _run(model, data, root / "live", args.steps, cache=False),
-            "cached + gradient checkpointing": _run(model, data, root / "ckpt", args.steps, gradient_checkpointing=True),
-            "cached + bf16 autocast": _run(model, data, root / "bf16", args.steps, mixed_precision="bf16"),
+            "cached": run_training(model, data, root / "cached", args.steps),
+            "on the fly": run_training(model, data, root / "live", args.steps, cache=False),
+            "cached + gradient checkpointing": run_training(model, data, root / "ckpt", args.steps, gradient_checkpointing=True),
+            "cached + bf16 autocast": run_training(model, data, root / "bf16", args.steps, mixed_precision="bf16"),
         }
-        recipe_model = _recipe_model(root)
+        untrained = recipe_model(root)
         full = {"mode": "full", "batch_size": 32, "ema_decay": 0.999}
-        _run(recipe_model, data, root / "recipe-warm", 2, **full)
+        run_training(untrained, data, root / "recipe-warm", 2, **full)
         recipe_runs = {
-            "fp32": _run(recipe_model, data, root / "recipe-fp32", args.steps, **full),
-            "bf16 autocast": _run(recipe_model, data, root / "recipe-bf16", args.steps, mixed_precision="bf16", **full),
+            "fp32": run_training(untrained, data, root / "recipe-fp32", args.steps, **full),
+            "bf16 autocast": run_training(untrained, data, root / "recipe-bf16", args.steps, mixed_precision="bf16", **full),
         }
     lines = [
         "# Training benchmark (CPU)",
