@@ -61,6 +61,8 @@ def test_the_recipe_ships_a_model_with_its_record_and_a_lora(built):
         strength, decode = max(by_own_start, key=by_own_start.get).split()
         assert (own["chosen"]["strength"], own["chosen"]["decode"]) == (float(strength), decode)
         assert {**config.sampler, **config.task_sampler.get(task, {})} == own["chosen"]
+    t2v = {**config.sampler, **config.task_sampler.get("t2v", {})}  # text-driven like it2v, with no truth to score
+    assert t2v == {**config.sampler, "text_guidance": sweep["by_task"]["it2v"]["chosen"]["text_guidance"]}
     # the shared choice is scored on the mean of the tasks' own scores of the same options
     for name, psnr in shared["psnr_db_by_guidance"].items():
         own = [sweep["by_task"][task]["psnr_db_by_guidance"][name] for task in ("it2v", "interpolation")]
@@ -133,6 +135,25 @@ def test_new_i2v_sweep_settings_rerun_only_the_i2v_sweep(built):
     pipe = RDTFPipeline.from_pretrained(model)
     assert pipe.sampler_settings_for("i2v")["strength"] == 0.7 and pipe.sampler_settings["strength"] == 0.5
     assert pipe.sampler_settings_for("i2v")["num_inference_steps"] == 3 and pipe.sampler_settings["num_inference_steps"] == 1
+
+
+def test_a_new_psnr_guard_alone_chooses_again_from_the_stored_i2v_scores(built):
+    root, model, _ = built
+    sweep_file = model / TRAINING_DIR / SWEEP_NAME
+    main = {**TOY, **json.loads(sweep_file.read_text())["recipe"]}  # the main sweep as the tests above left it
+    two = {"sampler_i2v_step_counts": [1], "sampler_i2v_strengths": [1.0, 0.5], "sampler_i2v_decodes": ["direct"]}
+    build_tiny_model(TinyRecipe(**{**main, **two}), root / "work", root / "assets" / "toy", progress=False)
+    sweep = json.loads(sweep_file.read_text())
+    stored = {"1 steps 1 direct": {"psnr": 10.0, "moving": 1.0, "flow_ratio": 1.0, "sharpness": 1.0},
+              "1 steps 0.5 direct": {"psnr": 12.0, "moving": 0.0, "flow_ratio": 0.1, "sharpness": 1.0}}
+    sweep["i2v"]["by_steps_strength_and_decode"] = stored  # scores no sampling would give
+    sweep_file.write_text(json.dumps(sweep))
+    for guard, strength in ((1.0, 0.5), (5.0, 1.0)):
+        build_tiny_model(TinyRecipe(**{**main, **two, "sampler_i2v_max_psnr_drop_db": guard}), root / "work",
+                         root / "assets" / "toy", progress=False)
+        after = json.loads(sweep_file.read_text())["i2v"]
+        assert after["by_steps_strength_and_decode"] == stored and after["chosen"]["strength"] == strength
+        assert RDTFPipeline.from_pretrained(model).sampler_settings_for("i2v")["strength"] == strength
 
 
 def test_stop_after_runs_only_the_early_stages(tmp_path):
