@@ -398,8 +398,9 @@ def recommend_i2v_sampler(model: Path, data: Path, recipe: TinyRecipe, progress:
     but lost the sticker's colours and shape): the one whose clips stay sharp (median
     gradient energy within 20% of the ground truth's) and most often move like the ground
     truth (flow magnitude inside its clips' 10th-90th percentiles). Ties go to fewer steps.
-    When only the PSNR guard changed since the last i2v sweep, its scores are reused: the
-    choice is made again without sampling. Returns the chosen options.
+    Options the model's last i2v sweep scored on the same clips are not sampled again (a new
+    PSNR guard only chooses again; a new step count samples only its options). Returns the
+    chosen options.
     """
     options = {f"{steps} steps {strength:g} {decode}":
                {"num_inference_steps": int(steps), "strength": float(strength), "decode": decode}
@@ -407,25 +408,24 @@ def recommend_i2v_sampler(model: Path, data: Path, recipe: TinyRecipe, progress:
                for strength in recipe.sampler_i2v_strengths for decode in recipe.sampler_i2v_decodes}
     sweep_file = model / TRAINING_DIR / SWEEP_NAME
     sweep = json.loads(sweep_file.read_text(encoding="utf-8"))
-    before = sweep.get("i2v", {})
-
-    def sampled(settings: dict[str, Any]) -> dict[str, Any]:
-        return {name: value for name, value in settings.items() if name != "sampler_i2v_max_psnr_drop_db"}
-
     dataset = StickerDataset(data, split="val", predicate=lambda row: row["motion"] != recipe.holdout_motion)
     clips = min(recipe.sampler_i2v_clips, len(dataset))
-    if before and sampled(before["recipe"]) == sampled(recipe.i2v_sweep_settings()):
-        scores = before["by_steps_strength_and_decode"]
-    else:
+    # the model's sweep file is new whenever the model or its other settings are, so what it holds for
+    # the same clips still holds: only options it lacks are sampled
+    before = sweep.get("i2v", {})
+    stored = before.get("by_steps_strength_and_decode", {}) if before.get("clips") == clips else {}
+    todo = {name: option for name, option in options.items() if name not in stored}
+    sampled = {}
+    if todo:
         cases = cases_from_items([dataset[i] for i in range(clips)], ["i2v"])
         pipe = RDTFPipeline.from_pretrained(model, device="cuda" if torch.cuda.is_available() else "cpu")
         methods = {name: pipeline_method(pipe, seed=recipe.seed, progress=False, **option)
-                   for name, option in options.items()}
+                   for name, option in todo.items()}
         result = evaluate_methods(cases, methods, baselines=False, keep_examples=0, progress=progress)
-        scores = {}
         for name in methods:
             rows = [row for row in result.rows if row["method"] == name]
-            scores[name] = {"psnr": float(np.mean([row["psnr"] for row in rows])), **i2v_motion(rows)}
+            sampled[name] = {"psnr": float(np.mean([row["psnr"] for row in rows])), **i2v_motion(rows)}
+    scores = {name: stored.get(name) or sampled[name] for name in options}
     chosen = options[most_lifelike(scores, recipe.sampler_i2v_max_psnr_drop_db)]
     config_file = model / RDTF_CONFIG_NAME
     config = json.loads(config_file.read_text(encoding="utf-8"))

@@ -137,7 +137,7 @@ def test_new_i2v_sweep_settings_rerun_only_the_i2v_sweep(built):
     assert pipe.sampler_settings_for("i2v")["num_inference_steps"] == 3 and pipe.sampler_settings["num_inference_steps"] == 1
 
 
-def test_a_new_psnr_guard_alone_chooses_again_from_the_stored_i2v_scores(built):
+def test_the_i2v_sweep_samples_only_options_it_has_not_scored(built):
     root, model, _ = built
     sweep_file = model / TRAINING_DIR / SWEEP_NAME
     main = {**TOY, **json.loads(sweep_file.read_text())["recipe"]}  # the main sweep as the tests above left it
@@ -154,6 +154,11 @@ def test_a_new_psnr_guard_alone_chooses_again_from_the_stored_i2v_scores(built):
         after = json.loads(sweep_file.read_text())["i2v"]
         assert after["by_steps_strength_and_decode"] == stored and after["chosen"]["strength"] == strength
         assert RDTFPipeline.from_pretrained(model).sampler_settings_for("i2v")["strength"] == strength
+    three = {**two, "sampler_i2v_strengths": [1.0, 0.5, 0.7]}  # a new option alone is sampled
+    build_tiny_model(TinyRecipe(**{**main, **three}), root / "work", root / "assets" / "toy", progress=False)
+    scores = json.loads(sweep_file.read_text())["i2v"]["by_steps_strength_and_decode"]
+    assert list(scores) == ["1 steps 1 direct", "1 steps 0.5 direct", "1 steps 0.7 direct"]
+    assert {name: scores[name] for name in stored} == stored and np.isfinite(scores["1 steps 0.7 direct"]["psnr"])
 
 
 def test_stop_after_runs_only_the_early_stages(tmp_path):
