@@ -109,7 +109,7 @@ class TinyRecipe:
     ema_decay: float | None = 0.999
     gpu_mixed_precision: str = "bf16"  # autocast for both training stages when they run on a GPU
     # the same on a CPU: "bf16" trains the base UNet 1.38x faster in half the memory on a CPU with AVX-512 bf16
-    # (benchmarks/results/train.md); v4 was trained in fp32 ("no")
+    # (benchmarks/results/train.md); v4 was trained in fp32 ("no"), v5 on a GPU (where this does not apply)
     cpu_mixed_precision: str = "bf16"
     # held-out-motion LoRA
     lora_steps: int = 150
