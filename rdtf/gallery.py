@@ -32,6 +32,7 @@ from rdtf.pipeline import RDTFPipeline, check_sampler_settings
 MARKER_START = "<!-- gallery:start -->"
 MARKER_END = "<!-- gallery:end -->"
 GALLERY_FILE = "gallery.md"
+GALLERY_TASKS = {"sticker + description": "it2v", "static sticker → animated": "i2v", "2× interpolation": "interpolation"}
 #: Shown width in pixels: stickers are small, and a table of 32-64 px GIFs is hard to read.
 DISPLAY_WIDTH = 128
 #: Interpolation keeps every 2nd frame and needs two kept frames with one to fill between them.
@@ -116,10 +117,11 @@ def build_gallery(
             bar.set_postfix_str(item["key"])
             shown.append(_render_clip(pipeline, item, out, "en" if number % 2 == 0 else "zh", sampler, bar))
 
-    it2v, i2v = ({**pipeline.sampler_settings_for(task), **given} for task in ("it2v", "i2v"))
-    settings = f"seed {seed}; " + _describe(it2v)
-    if i2v != it2v:
-        settings += f"; static sticker → animated: {_describe(i2v)}"
+    # each table's settings (the model may recommend some per task), named where they differ from it2v's
+    used = {label: {**pipeline.sampler_settings_for(task), **given} for label, task in GALLERY_TASKS.items()}
+    it2v = used.pop("sticker + description")
+    settings = f"seed {seed}; " + _describe(it2v) + "".join(
+        f"; {label}: {_describe(options)}" for label, options in used.items() if options != it2v)
     flags = []  # only the settings given: the rest come from the model's config, as above
     for flag, value in (("steps", num_inference_steps), ("scheduler", scheduler), ("text-guidance", text_guidance),
                         ("image-guidance", image_guidance), ("strength", strength), ("decode", decode)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import re
 from pathlib import Path
@@ -75,6 +76,17 @@ def test_the_tables_show_exactly_the_files_written_and_say_how(gallery):
     text = markdown.read_text(encoding="utf-8")
     assert text.count("**English (prompt):**") == 1 and text.count("**中文 (prompt):**") == 1
     assert "`rdtf gallery --base" in text and "--seed 0" in text and "2 ddim steps" in text
+
+
+def test_the_provenance_names_each_tables_settings_where_the_model_recommends_its_own(inputs, tmp_path):
+    _, data = inputs
+    components = build_tiny_components(seed=0)
+    components.config = dataclasses.replace(
+        components.config, task_sampler={"i2v": {"strength": 0.9}, "interpolation": {"decode": "residual"}})
+    components.save_pretrained(tmp_path / "model")
+    text = build_gallery(tmp_path / "model", data, tmp_path / "gallery", readme=None, **FAST).read_text(encoding="utf-8")
+    assert "static sticker → animated: 2 ddim steps" in text and "start strength 0.9" in text
+    assert "2× interpolation: 2 ddim steps" in text and "residual decode" in text
 
 
 def test_only_the_text_between_the_markers_changes(gallery):
