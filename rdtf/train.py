@@ -53,6 +53,7 @@ from rdtf.models import (
     resolve_model_path,
 )
 
+MIXED_PRECISIONS: tuple[str, ...] = ("no", "fp16", "bf16")  # accelerate's autocast choices
 CARD_NAME = "rdtf_card.json"
 LOG_NAME = "log.csv"
 CHECKPOINT_DIR = "checkpoints"
@@ -130,7 +131,7 @@ class TrainConfig:
             "mode": ("lora", "full"),
             "curriculum": CURRICULA,
             "caption_language": ("en", "zh", "both"),
-            "mixed_precision": ("no", "fp16", "bf16"),
+            "mixed_precision": MIXED_PRECISIONS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -23,7 +23,7 @@ from rdtf.train import CARD_NAME, LOG_NAME
 
 TOY = dict(count=40, size=32, vae_channels=[8, 16], latent_channels=6, vae_steps=3, vae_batch_size=4, unet_channels=[8, 16],
            unet_attention_head_dim=8, text_width=8, text_tower_steps=2, unet_steps=3, batch_size=2, lora_steps=2, lora_rank=2, validate_every=3,
-           gpu_mixed_precision="bf16", cpu_mixed_precision="bf16",
+           gpu_mixed_precision="bf16", cpu_mixed_precision="bf16", curriculum="uniform",
            sampler_strengths=[1.0, 0.5], sampler_decodes=["direct", "residual"], sampler_step_counts=[1, 2], sampler_step_tolerance_db=100.0, sampler_text_guidance=[1.0, 3.0], sampler_image_guidance=[1.0], sampler_clips=2, sampler_i2v_step_counts=[2, 1], sampler_i2v_strengths=[1.0, 0.5], sampler_i2v_decodes=["direct"], sampler_i2v_clips=2)
 
 
@@ -76,6 +76,7 @@ def test_the_recipe_ships_a_model_with_its_record_and_a_lora(built):
     assert card["config"]["only_motions"] == ["spin"] and card["base"] == str(model)
     assert card["config"]["mixed_precision"] == "bf16"  # the recipe's precision, on a GPU or not
     assert json.loads((record / CARD_NAME).read_text())["config"]["mixed_precision"] == "bf16"
+    assert json.loads((record / CARD_NAME).read_text())["config"]["curriculum"] == "uniform"
     assert not list(model.parent.glob(".tmp-*")), "no staging folder may be left behind"
 
 
@@ -159,6 +160,19 @@ def test_the_i2v_sweep_samples_only_options_it_has_not_scored(built):
     scores = json.loads(sweep_file.read_text())["i2v"]["by_steps_strength_and_decode"]
     assert list(scores) == ["1 steps 1 direct", "1 steps 0.5 direct", "1 steps 0.7 direct"]
     assert {name: scores[name] for name in stored} == stored and np.isfinite(scores["1 steps 0.7 direct"]["psnr"])
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"condition_fill": "blur"}, "condition_fill='blur': expected one of position, interpolate, flow"),
+    ({"curriculum": "random"}, "curriculum='random': expected one of uniform, linear, adaptive"),
+    ({"cpu_mixed_precision": "fp8"}, "cpu_mixed_precision='fp8'"),
+    ({"sampler_scheduler": "pndm"}, "sampler_scheduler='pndm'"),
+    ({"sampler_i2v_decodes": ["blurry"]}, r"sampler_i2v_decodes=\['blurry'\]: expected a non-empty list"),
+])
+def test_a_bad_recipe_choice_is_refused_before_any_stage_runs(tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        build_tiny_model(TinyRecipe(**{**TOY, **change}), tmp_path / "work", tmp_path / "toy", progress=False)
+    assert not (tmp_path / "work").exists()
 
 
 def test_stop_after_runs_only_the_early_stages(tmp_path):
