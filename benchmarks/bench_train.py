@@ -41,16 +41,9 @@ def _workspace(root: Path, size: int) -> tuple[Path, Path]:
 
 def recipe_model(root: Path) -> Path:
     """The rdtf-tiny recipe's untrained model (random weights: speed does not depend on them)."""
-    from rdtf.models import build_tiny_components
     from rdtf.tiny import TinyRecipe
 
-    recipe = TinyRecipe()
-    build_tiny_components(
-        recipe.seed, unet_channels=recipe.unet_channels, vae_channels=recipe.vae_channels, text_width=recipe.text_width,
-        num_frames=recipe.num_frames, latent_channels=recipe.latent_channels, condition_fill=recipe.condition_fill,
-        diffusion_space=recipe.diffusion_space, attention_head_dim=recipe.unet_attention_head_dim,
-        sample_size=recipe.size // 2 ** (len(recipe.vae_channels) - 1),
-    ).save_pretrained(root / "recipe-model")
+    TinyRecipe().untrained_components().save_pretrained(root / "recipe-model")
     return root / "recipe-model"
 
 

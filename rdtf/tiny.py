@@ -48,7 +48,7 @@ from rdtf.curriculum import CURRICULA
 from rdtf.data import StickerDataset, prepare_dataset
 from rdtf.evaluate import cases_from_items, evaluate_methods, pipeline_method
 from rdtf.io import write_atomic
-from rdtf.models import RDTF_CONFIG_NAME, build_tiny_components
+from rdtf.models import RDTF_CONFIG_NAME, Components, build_tiny_components
 from rdtf.pipeline import DECODES, SCHEDULERS, RDTFPipeline
 from rdtf.synthetic import build_sticker_set
 from rdtf.text_tower import METRICS_NAME as TEXT_TOWER_METRICS_NAME
@@ -176,6 +176,15 @@ class TinyRecipe:
             if not getattr(self, name) or set(getattr(self, name)) - set(DECODES):
                 raise ValueError(f"{name}={getattr(self, name)}: expected a non-empty list of {', '.join(DECODES)}")
 
+    def untrained_components(self) -> Components:
+        """The recipe's model with random weights (seeded): what the init stage starts from, before its VAE."""
+        return build_tiny_components(
+            self.seed, unet_channels=self.unet_channels, vae_channels=self.vae_channels, text_width=self.text_width,
+            num_frames=self.num_frames, latent_channels=self.latent_channels, condition_fill=self.condition_fill,
+            diffusion_space=self.diffusion_space, attention_head_dim=self.unet_attention_head_dim,
+            sample_size=self.size // 2 ** (len(self.vae_channels) - 1),
+        )
+
     def sweep_settings(self) -> dict:
         """The fields that only steer the sampler sweeps, not any trained weights."""
         return {name: value for name, value in self.to_dict().items() if name.startswith("sampler_")}
@@ -267,15 +276,8 @@ def build_tiny_model(
 
     init = work / "init"
     if not init.exists():
-        components = build_tiny_components(
-            recipe.seed, unet_channels=recipe.unet_channels, vae_channels=recipe.vae_channels,
-            text_width=recipe.text_width, num_frames=recipe.num_frames, latent_channels=recipe.latent_channels,
-            condition_fill=recipe.condition_fill, diffusion_space=recipe.diffusion_space,
-            attention_head_dim=recipe.unet_attention_head_dim,
-            sample_size=recipe.size // 2 ** (len(recipe.vae_channels) - 1),
-        )
         components = dataclasses.replace(
-            components, vae=AutoencoderKL.from_pretrained(vae_run / VAE_DIR, use_safetensors=True))
+            recipe.untrained_components(), vae=AutoencoderKL.from_pretrained(vae_run / VAE_DIR, use_safetensors=True))
         if recipe.text_tower_steps:
             def seen(row: dict[str, Any]) -> bool:
                 return row["motion"] != recipe.holdout_motion
@@ -331,7 +333,8 @@ def build_tiny_model(
     def swept() -> dict[str, Any]:
         return json.loads(sweep_file.read_text(encoding="utf-8")) if sweep_file.exists() else {}
 
-    if swept().get("recipe") != recipe.main_sweep_settings() or "by_task" not in swept():  # or from before per-task
+    main_sweep = swept()  # a sweep from before the per-task choices has no "by_task": redone too
+    if main_sweep.get("recipe") != recipe.main_sweep_settings() or "by_task" not in main_sweep:
         recommend_sampler(model_out, data, recipe, progress)
     if swept().get("i2v", {}).get("recipe") != recipe.i2v_sweep_settings():
         recommend_i2v_sampler(model_out, data, recipe, progress)
