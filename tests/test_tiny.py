@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from rdtf.lora import load_lora
 from rdtf.pipeline import RDTFPipeline
 from rdtf.tiny import (
     RECIPE_NAME,
+    REFINE_PREFIX,
     SWEEP_NAME,
     TRAINING_DIR,
     TinyRecipe,
@@ -19,7 +23,7 @@ from rdtf.tiny import (
     fewest_steps_within,
     most_lifelike,
 )
-from rdtf.train import CARD_NAME, LOG_NAME
+from rdtf.train import CARD_NAME, LOG_NAME, MODEL_DIR
 
 TOY = dict(count=40, size=32, vae_channels=[8, 16], latent_channels=6, vae_steps=3, vae_batch_size=4, unet_channels=[8, 16],
            unet_attention_head_dim=8, text_width=8, text_tower_steps=2, unet_steps=3, batch_size=2, lora_steps=2, lora_rank=2, validate_every=3,
@@ -162,9 +166,30 @@ def test_the_i2v_sweep_samples_only_options_it_has_not_scored(built):
     assert {name: scores[name] for name in stored} == stored and np.isfinite(scores["1 steps 0.7 direct"]["psnr"])
 
 
+def test_the_refine_phase_trains_on_from_the_base_and_ships_its_weights_and_record(built):
+    root, _, _ = built
+    work = root / "refine-work"
+    for name in ("stickers", "data", "vae", "init", "base"):  # the finished stages, as a copied work folder
+        shutil.copytree(root / "work" / name, work / name)
+    refined = {**TOY, "refine_steps": 2, "refine_curriculum": "adaptive", "refine_learning_rate": 5e-3}
+    model, _ = build_tiny_model(TinyRecipe(**refined), work, root / "assets" / "refined", progress=False,
+                                stop_after="base")
+    unet = Path("unet") / "diffusion_pytorch_model.safetensors"
+    shipped = load_file(model / unet)
+    assert all(torch.equal(shipped[k], v) for k, v in load_file(work / "refine" / MODEL_DIR / unet).items())
+    assert any(not torch.equal(shipped[k], v) for k, v in load_file(work / "base" / MODEL_DIR / unet).items())
+    card = json.loads((model / TRAINING_DIR / f"{REFINE_PREFIX}{CARD_NAME}").read_text())
+    assert card["steps"] == 2 and card["base"] == str(work / "base" / MODEL_DIR)
+    assert card["config"]["curriculum"] == "adaptive" and card["config"]["learning_rate"] == 5e-3
+    assert card["config"]["seed"] == TOY.get("seed", 0) + 1 and card["config"]["exclude_motions"] == ["spin"]
+    assert json.loads((model / TRAINING_DIR / CARD_NAME).read_text())["steps"] == 3  # the base's record stays
+    assert (model / TRAINING_DIR / f"{REFINE_PREFIX}{LOG_NAME}").exists()
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"condition_fill": "blur"}, "condition_fill='blur': expected one of position, interpolate, flow"),
     ({"curriculum": "random"}, "curriculum='random': expected one of uniform, linear, adaptive"),
+    ({"refine_curriculum": "random"}, "refine_curriculum='random': expected one of uniform, linear, adaptive"),
     ({"cpu_mixed_precision": "fp8"}, "cpu_mixed_precision='fp8'"),
     ({"sampler_scheduler": "pndm"}, "sampler_scheduler='pndm'"),
     ({"sampler_i2v_decodes": ["blurry"]}, r"sampler_i2v_decodes=\['blurry'\]: expected a non-empty list"),
