@@ -224,15 +224,15 @@ def _copy_into_place(source: Path, target: Path) -> Path:
 
 def _train_config(recipe: TinyRecipe, **values) -> TrainConfig:
     """The recipe's training settings; ``values`` adds the stage's own and may override these."""
-    shared = dict(
-        batch_size=recipe.batch_size,
-        mixed_precision=recipe.gpu_mixed_precision if torch.cuda.is_available() else recipe.cpu_mixed_precision,
-        validate_every=recipe.validate_every,
-        checkpoint_every=recipe.checkpoint_every,
-        seed=recipe.seed,
-        curriculum=recipe.curriculum,
-        trackers=[],
-    )
+    shared = {
+        "batch_size": recipe.batch_size,
+        "mixed_precision": recipe.gpu_mixed_precision if torch.cuda.is_available() else recipe.cpu_mixed_precision,
+        "validate_every": recipe.validate_every,
+        "checkpoint_every": recipe.checkpoint_every,
+        "seed": recipe.seed,
+        "curriculum": recipe.curriculum,
+        "trackers": [],
+    }
     return TrainConfig(**{**shared, **values})
 
 
