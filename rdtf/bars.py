@@ -191,43 +191,64 @@ def motion_variants(row: dict[str, Any], motions: Sequence[str], size: int, num_
     return variants
 
 
-def text_control_bars(pipe: RDTFPipeline, dataset: StickerDataset, settings: BarSettings, progress: bool) -> list:
-    """Same image, different motion captions: is each clip nearest its own caption's ground truth?"""
-    rng = np.random.default_rng(settings.seed)
+TextControlPlan = tuple[dict[str, Any], dict[str, tuple]]  # (row, motion -> (caption_en, caption_zh, frames))
+LANGUAGES = (("English", 0), ("Chinese", 1))  # language -> the caption's place in a motion variant
+
+
+def text_control_plans(dataset: StickerDataset, images: int, motions: int, holdout_motion: str,
+                       seed: int) -> list[TextControlPlan]:
+    """``images`` whole clips of a built-in split, each with the ground truth of ``motions`` motions (its own first).
+
+    The other motions are ones the sticker could also show at its speed and frame rate (the
+    held-out one excepted), drawn with ``seed``.
+    """
+    rng = np.random.default_rng(seed)
     size, frames = int(dataset.settings["size"]), dataset.num_frames
 
     def other_motions(row: dict[str, Any]) -> list[str]:
-        """Motions this sticker could also show at its speed and frame rate (the held-out one excepted)."""
-        return [m for m in MOTION_KINDS if m not in (row["motion"], settings.holdout_motion)
+        return [m for m in MOTION_KINDS if m not in (row["motion"], holdout_motion)
                 and is_learnable(m, row["speed"], frames, float(row["fps"]))]
 
-    # whole clips with enough other motions to caption the same image differently
     eligible = [i for i, row in enumerate(dataset.rows) if int(row.get("num_real", frames)) == frames
-                and len(other_motions(row)) >= settings.text_control_motions - 1]
+                and len(other_motions(row)) >= motions - 1]
     if not eligible:
-        raise ValueError(f"text control: no whole clip in the split can take {settings.text_control_motions - 1} "
+        raise ValueError(f"text control: no whole clip in the split can take {motions - 1} "
                          "other motions at its speed; lower text_control_motions")
-    chosen = [eligible[i] for i in _pick(settings.text_control_images, len(eligible), settings.seed)]
     plans = []
-    for index in chosen:
+    for index in (eligible[i] for i in _pick(images, len(eligible), seed)):
         row = dataset.rows[index]
-        others = other_motions(row)
-        picked = [row["motion"], *rng.choice(others, settings.text_control_motions - 1, replace=False).tolist()]
+        picked = [row["motion"], *rng.choice(other_motions(row), motions - 1, replace=False).tolist()]
         plans.append((row, motion_variants(row, picked, size, frames)))
+    return plans
+
+
+def text_control_hits(pipe: RDTFPipeline, plans: Sequence[TextControlPlan], sampler: dict[str, Any],
+                      languages: Sequence[int], bar: tqdm | None = None) -> tuple[int, int]:
+    """(hits, trials): each plan's image under each of its captions, in ``languages[i % len(languages)]`` for plan i
+    (0 English, 1 Chinese); a hit is a clip nearest (PSNR) its own caption's ground truth."""
+    hits = 0
+    for index, (row, variants) in enumerate(plans):
+        column = languages[index % len(languages)]
+        image = next(iter(variants.values()))[2][0]
+        for motion, variant in variants.items():
+            clip = pipe.generate(image=image, prompt=variant[column], task="it2v", num_frames=len(variant[2]),
+                                 height=image.shape[0], width=image.shape[1], fps=float(row["fps"]), **sampler)
+            rgb = np.round(clip * 255).astype(np.uint8)
+            scores = {other: _generated_psnr(rgb, v[2]) for other, v in variants.items()}
+            hits += max(scores, key=scores.get) == motion
+            if bar is not None:
+                bar.update(1)
+    return hits, sum(len(variants) for _, variants in plans)
+
+
+def text_control_bars(pipe: RDTFPipeline, dataset: StickerDataset, settings: BarSettings, progress: bool) -> list:
+    """Same image, different motion captions: is each clip nearest its own caption's ground truth?"""
+    plans = text_control_plans(dataset, settings.text_control_images, settings.text_control_motions,
+                               settings.holdout_motion, settings.seed)
     bars = []
     with tqdm(total=2 * sum(len(v) for _, v in plans), desc="text control", disable=not progress) as bar:
-        for language, column in (("English", 0), ("Chinese", 1)):
-            hits, total = 0, 0
-            for row, variants in plans:
-                image = next(iter(variants.values()))[2][0]
-                for motion, variant in variants.items():
-                    clip = pipe.generate(image=image, prompt=variant[column], task="it2v", num_frames=frames,
-                                         height=size, width=size, fps=float(row["fps"]), **settings.sampler())
-                    rgb = np.round(clip * 255).astype(np.uint8)
-                    scores = {other: _generated_psnr(rgb, v[2]) for other, v in variants.items()}
-                    hits += max(scores, key=scores.get) == motion
-                    total += 1
-                    bar.update(1)
+        for language, column in LANGUAGES:
+            hits, total = text_control_hits(pipe, plans, settings.sampler(), [column], bar)
             share = hits / total
             bars.append(_bar(f"it2v text control, {language} captions (own caption's ground truth is the closest)",
                              share, ">= 0.8 of clips", share >= 0.8,

@@ -41,9 +41,10 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
+from tqdm.auto import tqdm
 
 from rdtf.autoencoder import METRICS_NAME, VAE_DIR, AutoencoderConfig, train_autoencoder
-from rdtf.bars import i2v_motion
+from rdtf.bars import LANGUAGES, i2v_motion, text_control_hits, text_control_plans
 from rdtf.conditioning import CONDITION_FILLS, DIFFUSION_SPACES
 from rdtf.curriculum import CURRICULA
 from rdtf.data import StickerDataset, prepare_dataset
@@ -149,6 +150,12 @@ class TinyRecipe:
     sampler_step_counts: list[int] = field(default_factory=lambda: [6, 8, 10, 15])
     sampler_step_tolerance_db: float = 0.1
     sampler_clips: int = 6
+    # it2v's own guidance and start follow its caption: the best PSNR among the options whose text control on
+    # the val clips (each image under this many motion captions, English and Chinese on alternate images) is
+    # within sampler_text_control_tolerance of the best option's. By PSNR alone v5 chose a start so near the
+    # static sticker that every caption gave the same clip (test text control 12/48: chance)
+    sampler_text_control_motions: int = 4
+    sampler_text_control_tolerance: float = 0.1
     # then i2v's own step count, start strength and decode, judged by motion and sharpness at a bounded
     # loss of fidelity to the ground truth (see recommend_i2v_sampler). A strength below 1 skips whole
     # steps, so the step count sets how close to pure noise i2v can start: skipping 1 of 6 steps left the
@@ -369,7 +376,9 @@ def recommend_sampler(model: Path, data: Path, recipe: TinyRecipe, progress: boo
     what a user pays on every call. The choice is made on the mean PSNR of the swept tasks
     (the model's ``sampler``, which every other task uses too) and again on each swept task
     alone (its ``task_sampler`` entry, where that differs): interpolation, which must match
-    most of its frames, can want another start than it2v. t2v takes it2v's text guidance.
+    most of its frames, can want another start than it2v. it2v's own guidance and start are
+    chosen among the options that follow its caption (``sampler_text_control_tolerance``), so
+    different captions of one image give different clips. t2v takes it2v's text guidance.
     Returns the shared choice.
     """
     dataset = StickerDataset(data, split="val", predicate=lambda row: row["motion"] != recipe.holdout_motion)
@@ -377,6 +386,19 @@ def recommend_sampler(model: Path, data: Path, recipe: TinyRecipe, progress: boo
     cases = {task: cases_from_items(items, [task]) for task in SWEPT_TASKS}
     pipe = RDTFPipeline.from_pretrained(model, device="cuda" if torch.cuda.is_available() else "cpu")
     scored: dict[tuple[str, str], float] = {}  # (options, task) -> mean PSNR: each pair is sampled once
+    plans = text_control_plans(dataset, recipe.sampler_clips, recipe.sampler_text_control_motions,
+                               recipe.holdout_motion, recipe.seed)
+    controlled: dict[str, float] = {}  # options -> share of captions followed
+
+    def text_control(candidates: dict[str, dict[str, Any]]) -> dict[str, float]:
+        todo = {name: options for name, options in candidates.items() if _key(options) not in controlled}
+        trials = sum(len(variants) for _, variants in plans)
+        with tqdm(total=len(todo) * trials, desc="text control", disable=not progress) as bar:
+            for options in todo.values():
+                hits, total = text_control_hits(pipe, plans, {**options, "seed": recipe.seed, "progress": False},
+                                                [column for _, column in LANGUAGES], bar)
+                controlled[_key(options)] = hits / total
+        return {name: controlled[_key(options)] for name, options in candidates.items()}
 
     def mean_psnr(candidates: dict[str, dict[str, Any]], tasks: list[str]) -> dict[str, float]:
         for task in tasks:
@@ -393,6 +415,15 @@ def recommend_sampler(model: Path, data: Path, recipe: TinyRecipe, progress: boo
                 for name, options in candidates.items()}
 
     def choose(tasks: list[str]) -> dict[str, Any]:
+        follow_text = tasks == ["it2v"]
+        following: dict[str, dict[str, float]] = {}  # the text control of each stage's options (it2v alone)
+
+        def best(stage: str, psnr: dict[str, float], candidates: dict[str, dict[str, Any]]) -> dict[str, Any]:
+            if not follow_text:
+                return candidates[max(psnr, key=psnr.get)]
+            following[stage] = text_control(candidates)
+            return candidates[best_following(psnr, following[stage], recipe.sampler_text_control_tolerance)]
+
         most = max(recipe.sampler_step_counts)
         grid = {
             f"text {text:g} image {image:g}": dict(scheduler=recipe.sampler_scheduler, num_inference_steps=most,
@@ -401,19 +432,19 @@ def recommend_sampler(model: Path, data: Path, recipe: TinyRecipe, progress: boo
             for image in recipe.sampler_image_guidance
         }
         by_guidance = mean_psnr(grid, tasks)
-        chosen = grid[max(by_guidance, key=by_guidance.get)]
+        chosen = best("text_control_by_guidance", by_guidance, grid)
         starts = {
             f"{strength} {decode}": {**chosen, "strength": float(strength), "decode": decode}
             for strength in recipe.sampler_strengths
             for decode in recipe.sampler_decodes
         }
         by_start = mean_psnr(starts, tasks)
-        chosen = starts[max(by_start, key=by_start.get)]
+        chosen = best("text_control_by_strength_and_decode", by_start, starts)
         steps = {str(n): {**chosen, "num_inference_steps": n} for n in recipe.sampler_step_counts}
         by_steps = {int(n): psnr for n, psnr in mean_psnr(steps, tasks).items()}
         chosen = {**chosen, "num_inference_steps": fewest_steps_within(by_steps, recipe.sampler_step_tolerance_db)}
         return {"tasks": tasks, "psnr_db_by_guidance": by_guidance, "psnr_db_by_strength_and_decode": by_start,
-                "psnr_db_by_steps": {str(n): v for n, v in sorted(by_steps.items())}, "chosen": chosen}
+                "psnr_db_by_steps": {str(n): v for n, v in sorted(by_steps.items())}, **following, "chosen": chosen}
 
     shared = choose(list(SWEPT_TASKS))
     by_task = {task: choose([task]) for task in SWEPT_TASKS}
@@ -509,6 +540,12 @@ def most_lifelike(scores: dict[str, dict[str, float]], max_psnr_drop_db: float) 
                 -abs(np.log(max(score["flow_ratio"], 1e-6))), -abs(score["sharpness"] - 1))
 
     return max(scores, key=merit)
+
+
+def best_following(psnr: dict[str, float], text_control: dict[str, float], tolerance: float) -> str:
+    """The best-PSNR option among those whose text control is within ``tolerance`` of the best option's."""
+    floor = max(text_control.values()) - tolerance - 1e-9  # shares are fractions: 0.8 - 0.1 > 0.7 in floats
+    return max((name for name in psnr if text_control[name] >= floor), key=psnr.get)
 
 
 def fewest_steps_within(psnr_by_steps: dict[int, float], tolerance_db: float) -> int:

@@ -19,6 +19,7 @@ from rdtf.tiny import (
     SWEEP_NAME,
     TRAINING_DIR,
     TinyRecipe,
+    best_following,
     build_tiny_model,
     fewest_steps_within,
     most_lifelike,
@@ -28,7 +29,7 @@ from rdtf.train import CARD_NAME, LOG_NAME, MODEL_DIR
 TOY = dict(count=40, size=32, vae_channels=[8, 16], latent_channels=6, vae_steps=3, vae_batch_size=4, unet_channels=[8, 16],
            unet_attention_head_dim=8, text_width=8, text_tower_steps=2, unet_steps=3, batch_size=2, lora_steps=2, lora_rank=2, validate_every=3,
            gpu_mixed_precision="bf16", cpu_mixed_precision="bf16", curriculum="uniform",
-           sampler_strengths=[1.0, 0.5], sampler_decodes=["direct", "residual"], sampler_step_counts=[1, 2], sampler_step_tolerance_db=100.0, sampler_text_guidance=[1.0, 3.0], sampler_image_guidance=[1.0], sampler_clips=2, sampler_i2v_step_counts=[2, 1], sampler_i2v_strengths=[1.0, 0.5], sampler_i2v_decodes=["direct"], sampler_i2v_clips=2)
+           sampler_strengths=[1.0, 0.5], sampler_decodes=["direct", "residual"], sampler_step_counts=[1, 2], sampler_step_tolerance_db=100.0, sampler_text_guidance=[1.0, 3.0], sampler_image_guidance=[1.0], sampler_clips=2, sampler_text_control_motions=2, sampler_text_control_tolerance=0.25, sampler_i2v_step_counts=[2, 1], sampler_i2v_strengths=[1.0, 0.5], sampler_i2v_decodes=["direct"], sampler_i2v_clips=2)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,15 @@ def test_the_recipe_ships_a_model_with_its_record_and_a_lora(built):
         own = sweep["by_task"][task]
         assert own["tasks"] == [task]
         by_own_start = own["psnr_db_by_strength_and_decode"]
-        strength, decode = max(by_own_start, key=by_own_start.get).split()
+        if task == "it2v":  # among the options that follow the caption
+            control = own["text_control_by_strength_and_decode"]
+            assert set(control) == set(by_own_start) and all(0 <= share <= 1 for share in control.values())
+            assert set(own["text_control_by_guidance"]) == set(own["psnr_db_by_guidance"])
+            best = best_following(by_own_start, control, TOY["sampler_text_control_tolerance"])
+        else:
+            assert "text_control_by_strength_and_decode" not in own
+            best = max(by_own_start, key=by_own_start.get)
+        strength, decode = best.split()
         assert (own["chosen"]["strength"], own["chosen"]["decode"]) == (float(strength), decode)
         assert {**config.sampler, **config.task_sampler.get(task, {})} == own["chosen"]
     t2v = {**config.sampler, **config.task_sampler.get("t2v", {})}  # text-driven like it2v, with no truth to score
@@ -184,6 +193,14 @@ def test_the_refine_phase_trains_on_from_the_base_and_ships_its_weights_and_reco
     assert card["config"]["seed"] == TOY.get("seed", 0) + 1 and card["config"]["exclude_motions"] == ["spin"]
     assert json.loads((model / TRAINING_DIR / CARD_NAME).read_text())["steps"] == 3  # the base's record stays
     assert (model / TRAINING_DIR / f"{REFINE_PREFIX}{LOG_NAME}").exists()
+
+
+def test_it2v_takes_the_best_psnr_among_the_options_that_follow_the_caption():
+    psnr = {"static": 15.0, "moving": 14.2, "wild": 13.0, "blind": 14.9}
+    control = {"static": 0.25, "moving": 0.7, "wild": 0.8, "blind": 0.3}
+    assert best_following(psnr, control, tolerance=0.1) == "moving"
+    assert best_following(psnr, control, tolerance=0.0) == "wild"
+    assert best_following(psnr, control, tolerance=1.0) == "static"  # no constraint left: PSNR alone
 
 
 @pytest.mark.parametrize(("change", "message"), [
