@@ -46,7 +46,7 @@ def main() -> None:
     full = {"mode": "full", "ema_decay": recipe.ema_decay, "mixed_precision": precision}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model = recipe_model(root)
+        model = recipe_model(root, recipe)
         run_training(model, Path(args.data), root / "warm", 2, batch_size=min(args.batch_sizes), **full)  # the cache
         runs, failed = {}, {}
         for size in args.batch_sizes:

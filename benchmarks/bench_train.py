@@ -21,8 +21,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from rdtf.tiny import TinyRecipe
 
 RESULTS = Path(__file__).parent / "results" / "train.md"
 
@@ -39,11 +43,9 @@ def _workspace(root: Path, size: int) -> tuple[Path, Path]:
     return root / "model", root / "data"
 
 
-def recipe_model(root: Path) -> Path:
+def recipe_model(root: Path, recipe: TinyRecipe) -> Path:
     """The rdtf-tiny recipe's untrained model (random weights: speed does not depend on them)."""
-    from rdtf.tiny import TinyRecipe
-
-    TinyRecipe().untrained_components().save_pretrained(root / "recipe-model")
+    recipe.untrained_components().save_pretrained(root / "recipe-model")
     return root / "recipe-model"
 
 
@@ -76,6 +78,8 @@ def _has_cpu_flag(flag: str) -> bool:
 
 
 def main() -> None:
+    from rdtf.tiny import TinyRecipe
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=64)
@@ -90,8 +94,9 @@ def main() -> None:
             "cached + gradient checkpointing": run_training(model, data, root / "ckpt", args.steps, gradient_checkpointing=True),
             "cached + bf16 autocast": run_training(model, data, root / "bf16", args.steps, mixed_precision="bf16"),
         }
-        untrained = recipe_model(root)
-        full = {"mode": "full", "batch_size": 32, "ema_decay": 0.999}
+        recipe = TinyRecipe()
+        untrained = recipe_model(root, recipe)
+        full = {"mode": "full", "batch_size": recipe.batch_size, "ema_decay": recipe.ema_decay}
         run_training(untrained, data, root / "recipe-warm", 2, **full)
         recipe_runs = {
             "fp32": run_training(untrained, data, root / "recipe-fp32", args.steps, **full),
@@ -120,7 +125,7 @@ def main() -> None:
         "## The rdtf-tiny recipe's base training",
         "",
         "`TinyRecipe()`'s model (UNet 32/64/64 with 16-wide heads, 16 latent channels, random weights), full "
-        f"training at batch 32 with EMA on the same data; CPU {'with' if _has_cpu_flag('avx512_bf16') else 'without'} "
+        f"training at batch {recipe.batch_size} with EMA {recipe.ema_decay} on the same data; CPU {'with' if _has_cpu_flag('avx512_bf16') else 'without'} "
         "AVX-512 bf16.",
         "",
         "| precision | s/step | peak RSS (MB) | mean loss |",
