@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from rdtf.tiny import (
 from rdtf.train import CARD_NAME, LOG_NAME, MODEL_DIR
 
 TOY = dict(count=40, size=32, vae_channels=[8, 16], latent_channels=6, vae_steps=3, vae_batch_size=4, unet_channels=[8, 16],
-           unet_attention_head_dim=8, text_width=8, text_tower_steps=2, unet_steps=3, batch_size=2, lora_steps=2, lora_rank=2, validate_every=3,
+           unet_attention_head_dim=8, text_width=8, text_tower_steps=2, unet_steps=3, refine_steps=2, refine_curriculum="adaptive", refine_learning_rate=5e-3, batch_size=2, lora_steps=2, lora_rank=2, validate_every=3,
            gpu_mixed_precision="bf16", cpu_mixed_precision="bf16", curriculum="uniform",
            sampler_strengths=[1.0, 0.5], sampler_decodes=["direct", "residual"], sampler_step_counts=[1, 2], sampler_step_tolerance_db=100.0, sampler_text_guidance=[1.0, 3.0], sampler_image_guidance=[1.0], sampler_clips=2, sampler_text_control_motions=2, sampler_text_control_tolerance=0.25, sampler_i2v_step_counts=[2, 1], sampler_i2v_strengths=[1.0, 0.5], sampler_i2v_decodes=["direct"], sampler_i2v_clips=2)
 
@@ -176,13 +175,8 @@ def test_the_i2v_sweep_samples_only_options_it_has_not_scored(built):
 
 
 def test_the_refine_phase_trains_on_from_the_base_and_ships_its_weights_and_record(built):
-    root, _, _ = built
-    work = root / "refine-work"
-    for name in ("stickers", "data", "vae", "init", "base"):  # the finished stages, as a copied work folder
-        shutil.copytree(root / "work" / name, work / name)
-    refined = {**TOY, "refine_steps": 2, "refine_curriculum": "adaptive", "refine_learning_rate": 5e-3}
-    model, _ = build_tiny_model(TinyRecipe(**refined), work, root / "assets" / "refined", progress=False,
-                                stop_after="base")
+    root, model, _ = built
+    work = root / "work"
     unet = Path("unet") / "diffusion_pytorch_model.safetensors"
     shipped = load_file(model / unet)
     assert all(torch.equal(shipped[k], v) for k, v in load_file(work / "refine" / MODEL_DIR / unet).items())
