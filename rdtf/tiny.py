@@ -190,6 +190,8 @@ class TinyRecipe:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        if self.sampler_text_control_motions < 2:  # one caption per image cannot show text control
+            raise ValueError(f"sampler_text_control_motions={self.sampler_text_control_motions}: expected at least 2")
         for name in ("sampler_decodes", "sampler_i2v_decodes"):
             if not getattr(self, name) or set(getattr(self, name)) - set(DECODES):
                 raise ValueError(f"{name}={getattr(self, name)}: expected a non-empty list of {', '.join(DECODES)}")

@@ -203,6 +203,7 @@ def test_it2v_takes_the_best_psnr_among_the_options_that_follow_the_caption():
     ({"refine_curriculum": "random"}, "refine_curriculum='random': expected one of uniform, linear, adaptive"),
     ({"cpu_mixed_precision": "fp8"}, "cpu_mixed_precision='fp8'"),
     ({"sampler_scheduler": "pndm"}, "sampler_scheduler='pndm'"),
+    ({"sampler_text_control_motions": 1}, "sampler_text_control_motions=1: expected at least 2"),
     ({"sampler_i2v_decodes": ["blurry"]}, r"sampler_i2v_decodes=\['blurry'\]: expected a non-empty list"),
 ])
 def test_a_bad_recipe_choice_is_refused_before_any_stage_runs(tmp_path, change, message):
