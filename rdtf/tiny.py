@@ -312,28 +312,26 @@ def build_tiny_model(
     if stop_after == "init":
         return model_out, lora_out
 
-    base_run = work / "base"
+    base_run, refine_run = work / "base", work / "refine"
+    # what both full-training phases share: every task, every motion but the held-out one
+    full = {"data": str(data), "mode": "full", "exclude_motions": [recipe.holdout_motion], "snr_gamma": recipe.snr_gamma,
+            "timestep_shift": recipe.unet_timestep_shift, "ema_decay": recipe.ema_decay, "progress": progress}
     if not (base_run / CARD_NAME).exists():
         train(_train_config(
-            recipe, base=str(init), data=str(data), output_dir=str(base_run), mode="full",
-            exclude_motions=[recipe.holdout_motion], max_steps=recipe.unet_steps,
-            learning_rate=recipe.learning_rate, lr_warmup_steps=100, snr_gamma=recipe.snr_gamma,
-            snr_gamma_steps=recipe.snr_gamma_steps, timestep_shift=recipe.unet_timestep_shift,
-            ema_decay=recipe.ema_decay, progress=progress,
+            recipe, **full, base=str(init), output_dir=str(base_run), max_steps=recipe.unet_steps,
+            learning_rate=recipe.learning_rate, lr_warmup_steps=100, snr_gamma_steps=recipe.snr_gamma_steps,
         ))
-    refine_run = work / "refine"
     if recipe.refine_steps and not (refine_run / CARD_NAME).exists():
         train(_train_config(  # another seed: other batches than the base's first steps
-            recipe, base=str(base_run / MODEL_DIR), data=str(data), output_dir=str(refine_run), mode="full",
-            exclude_motions=[recipe.holdout_motion], max_steps=recipe.refine_steps, seed=recipe.seed + 1,
-            learning_rate=recipe.refine_learning_rate, lr_warmup_steps=50, curriculum=recipe.refine_curriculum,
-            snr_gamma=recipe.snr_gamma, timestep_shift=recipe.unet_timestep_shift, ema_decay=recipe.ema_decay,
-            progress=progress,
+            recipe, **full, base=str(base_run / MODEL_DIR), output_dir=str(refine_run), max_steps=recipe.refine_steps,
+            seed=recipe.seed + 1, learning_rate=recipe.refine_learning_rate, lr_warmup_steps=50,
+            curriculum=recipe.refine_curriculum,
         ))
+    shipped_run = refine_run if recipe.refine_steps else base_run
     if not (model_out / TRAINING_DIR / CARD_NAME).exists():
         staged = work / "shipped-model"
         shutil.rmtree(staged, ignore_errors=True)
-        shutil.copytree((refine_run if recipe.refine_steps else base_run) / MODEL_DIR, staged)
+        shutil.copytree(shipped_run / MODEL_DIR, staged)
         _copy_training_record(recipe, staged / TRAINING_DIR, base_run, vae_run, work / TEXT_TOWER_METRICS_NAME,
                               refine_run if recipe.refine_steps else None)
         _copy_into_place(staged, model_out)
