@@ -75,8 +75,8 @@ def main() -> None:
     lines = [
         "# Embedded model sampling time (one 8-frame 64x64 sticker)",
         "",
-        f"Model `{Path(args.model).name}`, its recommended settings ({settings}); {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}. Command: `{' '.join(['.venv/bin/python', *sys.argv])}`.",
+        f"Model `{Path(args.model).name}`, its recommended settings ({settings}); {platform.processor() or platform.machine()} "
+        f"({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores, torch {torch.__version__}. Command: `{' '.join(['.venv/bin/python', *sys.argv])}`.",
         "",
         "| threads | task | cold call (s) | warm call, median (s) | warm, best (s) |",
         "| ---: | --- | ---: | ---: | ---: |",

@@ -8,7 +8,8 @@
    AVX-512 bf16 the casts cost more than they save in small matrix products and less in
    large ones, so the answer depends on the batch.
 
-Writes benchmarks/results/train.md. Usage: python benchmarks/bench_train.py [--steps N]
+Writes benchmarks/results/train.md (``--out``: another file, for another kind of CPU).
+Usage: python benchmarks/bench_train.py [--steps N] [--out FILE]
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -105,8 +107,9 @@ def main() -> None:
     lines = [
         "# Training benchmark (CPU)",
         "",
-        f"Command: `python benchmarks/bench_train.py --steps {args.steps} --size {args.size}`  ",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, "
+        f"Command: `python benchmarks/bench_train.py --steps {args.steps} --size {args.size}"
+        f"{'' if args.out == RESULTS else f' --out {args.out}'}`  ",
+        f"Machine: {platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} torch threads, Python {platform.python_version()}, "
         f"torch {torch.__version__}. Tiny I2VGen-XL (UNet 32/64/64, VAE 4x), 8 frames at {args.size} px, batch 4, "
         "LoRA rank 16 on all attention. Each run is a fresh process; s/step is the steady state from log.csv "
         "(the first step, with its start-up, is excluded); peak RSS is the whole process; mean loss over every "
@@ -136,8 +139,8 @@ def main() -> None:
         f"bf16 autocast speed-up: {recipe_runs['fp32']['step_seconds'] / recipe_runs['bf16 autocast']['step_seconds']:.2f}x.",
         "",
     ]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines), encoding="utf-8")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
 
 

@@ -22,6 +22,7 @@ from rdtf.tiny import (
     build_tiny_model,
     fewest_steps_within,
     most_lifelike,
+    training_precision,
 )
 from rdtf.train import CARD_NAME, LOG_NAME, MODEL_DIR
 
@@ -86,8 +87,9 @@ def test_the_recipe_ships_a_model_with_its_record_and_a_lora(built):
     assert i2v == {**config.sampler, **sweep["i2v"]["chosen"]}
     card = json.loads((lora / CARD_NAME).read_text())
     assert card["config"]["only_motions"] == ["spin"] and card["base"] == str(model)
-    assert card["config"]["mixed_precision"] == "bf16"  # the recipe's precision, on a GPU or not
-    assert json.loads((record / CARD_NAME).read_text())["config"]["mixed_precision"] == "bf16"
+    precision = training_precision(TinyRecipe(**TOY))  # bf16 on a GPU or an AVX-512 CPU, else fp32
+    assert card["config"]["mixed_precision"] == precision
+    assert json.loads((record / CARD_NAME).read_text())["config"]["mixed_precision"] == precision
     assert json.loads((record / CARD_NAME).read_text())["config"]["curriculum"] == "uniform"
     assert not list(model.parent.glob(".tmp-*")), "no staging folder may be left behind"
 
@@ -195,6 +197,21 @@ def test_it2v_takes_the_best_psnr_among_the_options_that_follow_the_caption():
     assert best_following(psnr, control, tolerance=0.1) == "moving"
     assert best_following(psnr, control, tolerance=0.0) == "wild"
     assert best_following(psnr, control, tolerance=1.0) == "static"  # no constraint left: PSNR alone
+
+
+@pytest.mark.parametrize(("gpu", "capability", "cpu_precision", "expected"), [
+    (True, "AVX2", "no", "bf16"),  # the GPU's own
+    (False, "AVX512", "bf16", "bf16"),
+    (False, "AVX2", "bf16", "no"),  # emulated bf16 is slower than fp32
+    (False, "DEFAULT", "bf16", "no"),
+    (False, "AVX2", "no", "no"),
+])
+def test_the_training_precision_is_bf16_only_where_the_machine_computes_it(monkeypatch, gpu, capability,
+                                                                         cpu_precision, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    recipe = TinyRecipe(gpu_mixed_precision="bf16", cpu_mixed_precision=cpu_precision)
+    assert training_precision(recipe) == expected
 
 
 @pytest.mark.parametrize(("change", "message"), [
