@@ -107,8 +107,8 @@ def main() -> None:
     lines = [
         "# Training benchmark (CPU)",
         "",
-        f"Command: `python benchmarks/bench_train.py --steps {args.steps} --size {args.size}"
-        f"{'' if args.out == RESULTS else f' --out {args.out}'}`  ",
+        (f"Command: `python benchmarks/bench_train.py --steps {args.steps} --size {args.size}"
+         f"{'' if args.out == RESULTS else f' --out {args.out}'}`  "),
         f"Machine: {platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} torch threads, Python {platform.python_version()}, "
         f"torch {torch.__version__}. Tiny I2VGen-XL (UNet 32/64/64, VAE 4x), 8 frames at {args.size} px, batch 4, "
         "LoRA rank 16 on all attention. Each run is a fresh process; s/step is the steady state from log.csv "
