@@ -22,8 +22,9 @@ into place atomically at the end of their stage. ``stop_after`` ends the build a
 
 Every stage runs on the GPU when there is one (training with ``gpu_mixed_precision``
 autocast). The shipped v6 trained its base UNet (1500 steps, 6.3 min) on one H200, then its
-refine phase (1000 steps, 70 min), LoRA (9.5 min) and both sampler sweeps (21 min) on 2 CPU
-cores; its text tower (30 s) and VAE come from the same recipe's earlier stages. On 2 CPU
+refine phase (1000 steps, 70 min) and both sampler sweeps (21 min) on 2 CPU cores with AVX-512,
+its LoRA (150 steps, 26 min in fp32) and the i2v sweep's redo (20 min) on 2 AVX2 cores; its
+text tower (30 s) and VAE come from the same recipe's earlier stages. On 2 CPU
 cores alone the base UNet takes about 105 min (4.2 s/step with bf16 autocast). The VAE is
 v2's, trained by this recipe's VAE stage in 2 minutes on one H200 (3000 steps; about 4 hours
 on 2 CPU cores).
@@ -136,7 +137,8 @@ class TinyRecipe:
     # AVX-512 emulates bf16 and trains in fp32 instead (see training_precision)
     cpu_mixed_precision: str = "bf16"
     # held-out-motion LoRA, at the base's timestep shift (it2v samples from pure noise): uniform timesteps
-    # gave v6's test spin +0.46 dB and the other motions -0.05; shift 5, +0.66 and +0.05 (150 steps, fp32)
+    # gave v6's test spin +0.46 dB and the other motions -0.05; shift 5, +0.66 and +0.05 (150 steps, fp32).
+    # 300 steps gave +0.69 and -0.01: the gain is bounded by the base's it2v, not by the LoRA's steps
     lora_steps: int = 150
     lora_rank: int = 8
     lora_learning_rate: float = 1e-3
