@@ -246,7 +246,8 @@ def training_precision(recipe: TinyRecipe) -> str:
     """The recipe's autocast on this machine: its GPU one on a GPU, else its CPU one where the CPU computes it.
 
     A CPU without AVX-512 has no bf16 arithmetic and emulates it: on an AVX2-only 2-core CPU the
-    LoRA stage trained more than 4x slower under bf16 autocast than in fp32 (over 48 s/step against 10.5).
+    recipe's base training ran 9x slower under bf16 autocast than in fp32 (112 s/step against 12,
+    benchmarks/results/train_avx2.md), the LoRA stage over 4x (over 48 s/step against 10.5).
     """
     if torch.cuda.is_available():
         return recipe.gpu_mixed_precision
