@@ -24,10 +24,10 @@ Every stage runs on the GPU when there is one (training with ``gpu_mixed_precisi
 autocast). The shipped v6 trained its base UNet (1500 steps, 6.3 min) on one H200, then its
 refine phase (1000 steps, 70 min) and both sampler sweeps (21 min) on 2 CPU cores with AVX-512,
 its LoRA (150 steps, 26 min in fp32) and the i2v sweep's redo (20 min) on 2 AVX2 cores; its
-text tower (30 s) and VAE come from the same recipe's earlier stages. On 2 CPU
-cores alone the base UNet takes about 105 min (4.2 s/step with bf16 autocast). The VAE is
-v2's, trained by this recipe's VAE stage in 2 minutes on one H200 (3000 steps; about 4 hours
-on 2 CPU cores).
+text tower (30 s) and VAE come from the same recipe's earlier stages. On 2 CPU cores alone the
+base UNet takes about 105 min (4.2 s/step with bf16 autocast; 5 hours in fp32 without AVX-512).
+The VAE is v2's, trained by this recipe's VAE stage in 2 minutes on one H200 (3000 steps; about
+4 hours on 2 CPU cores).
 """
 
 from __future__ import annotations
