@@ -261,6 +261,8 @@ def _train_config(recipe: TinyRecipe, **values) -> TrainConfig:
     shared = {
         "batch_size": recipe.batch_size,
         "mixed_precision": training_precision(recipe),
+        # more high-noise timesteps for the generation tasks, in every stage: it2v samples from pure noise
+        "timestep_shift": recipe.unet_timestep_shift,
         "validate_every": recipe.validate_every,
         "checkpoint_every": recipe.checkpoint_every,
         "seed": recipe.seed,
@@ -337,7 +339,7 @@ def build_tiny_model(
     base_run, refine_run = work / "base", work / "refine"
     # what both full-training phases share: every task, every motion but the held-out one
     full = {"data": str(data), "mode": "full", "exclude_motions": [recipe.holdout_motion], "snr_gamma": recipe.snr_gamma,
-            "timestep_shift": recipe.unet_timestep_shift, "ema_decay": recipe.ema_decay, "progress": progress}
+            "ema_decay": recipe.ema_decay, "progress": progress}
     if not (base_run / CARD_NAME).exists():
         train(_train_config(
             recipe, **full, base=str(init), output_dir=str(base_run), max_steps=recipe.unet_steps,
@@ -367,7 +369,6 @@ def build_tiny_model(
             recipe, base=str(model_out), data=str(data), output_dir=str(lora_run), mode="lora",
             only_motions=[recipe.holdout_motion], max_steps=recipe.lora_steps, lora_rank=recipe.lora_rank,
             learning_rate=recipe.lora_learning_rate, lr_warmup_steps=10, progress=progress,
-            timestep_shift=recipe.unet_timestep_shift,
         ))
     if not (lora_out / CARD_NAME).exists():
         staged = work / "shipped-lora"

@@ -87,8 +87,9 @@ def test_the_recipe_ships_a_model_with_its_record_and_a_lora(built):
     assert i2v == {**config.sampler, **sweep["i2v"]["chosen"]}
     card = json.loads((lora / CARD_NAME).read_text())
     assert card["config"]["only_motions"] == ["spin"] and card["base"] == str(model)
-    assert card["config"]["timestep_shift"] == TinyRecipe(**TOY).unet_timestep_shift  # it2v starts at pure noise
-    precision = training_precision(TinyRecipe(**TOY))  # bf16 on a GPU or an AVX-512 CPU, else fp32
+    recipe = TinyRecipe(**TOY)
+    assert card["config"]["timestep_shift"] == recipe.unet_timestep_shift  # it2v starts at pure noise
+    precision = training_precision(recipe)  # bf16 on a GPU or an AVX-512 CPU, else fp32
     assert card["config"]["mixed_precision"] == precision
     assert json.loads((record / CARD_NAME).read_text())["config"]["mixed_precision"] == precision
     assert json.loads((record / CARD_NAME).read_text())["config"]["curriculum"] == "uniform"
