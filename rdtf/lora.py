@@ -46,10 +46,15 @@ _METADATA_KEY = "lora_adapter_metadata"
 EXTRAS_METADATA_KEY = "rdtf_extras"
 _EXTRAS_ATTR = "_rdtf_lora_extras"
 _PROJECTIONS = r"(to_q|to_k|to_v|to_out\.0)"
+#: The convolutions of the UNet's blocks: each resnet's two 2-D convs and each temporal conv layer's
+#: four 3-D convs (diffusers' TemporalConvLayer: GroupNorm, SiLU[, Dropout], Conv3d).
+_BLOCK_CONVS = r"resnets\.\d+\.conv[12]|temp_convs\.\d+\.(conv1\.2|conv[234]\.3)"
 #: Where each preset puts adapters (peft full-match regexes over UNet module names).
-#: temporal = every attention whose sequence runs over frames; spatial = the per-frame transformers.
+#: temporal = every attention whose sequence runs over frames; spatial = the per-frame transformers;
+#: attention+conv adds the blocks' convolutions, which move content in space and time (a new motion).
 LORA_PRESETS: dict[str, str] = {
     "attention": rf".*\.{_PROJECTIONS}",
+    "attention+conv": rf".*\.({_PROJECTIONS}|{_BLOCK_CONVS})",
     "temporal": rf"(transformer_in|image_latents_temporal_encoder|.*\.temp_attentions\.\d+)\.(.*\.)?{_PROJECTIONS}",
     "spatial": rf".*\.attentions\.\d+\.(.*\.)?{_PROJECTIONS}",
 }

@@ -76,6 +76,25 @@ def test_presets_split_attention_into_temporal_and_spatial():
     assert {n.rsplit(".", 1)[-1] for n in attention} == {"to_q", "to_k", "to_v", "0"}
 
 
+def test_attention_conv_preset_adds_the_block_convolutions_and_round_trips(tmp_path):
+    trained = build_tiny_components(seed=4).unet
+    attention, with_convs = (set(lora_targets(trained, p)) for p in ("attention", "attention+conv"))
+    convs = with_convs - attention
+    assert attention < with_convs
+    assert {type(trained.get_submodule(n)).__name__ for n in convs} == {"Conv2d", "Conv3d"}
+    assert any(".resnets." in n for n in convs) and any(".temp_convs." in n for n in convs)
+    _trained(trained, preset="attention+conv")
+    save_lora(trained, tmp_path)
+    inputs = _inputs(trained)
+
+    unet = build_tiny_components(seed=4).unet
+    base = _out(unet, inputs)
+    load_lora(unet, tmp_path)
+    assert {n.rsplit(".lora_A", 1)[0] for n, _ in unet.named_modules() if n.endswith(".lora_A")} >= convs
+    assert not torch.allclose(_out(unet, inputs), base)
+    torch.testing.assert_close(_out(unet, inputs), _out(trained, inputs))
+
+
 def test_attached_adapter_starts_at_zero_effect_and_trains_only_itself():
     unet = build_tiny_components().unet
     inputs = _inputs(unet)

@@ -89,6 +89,7 @@ def test_the_recipe_ships_a_model_with_its_record_and_a_lora(built):
     assert card["config"]["only_motions"] == ["spin"] and card["base"] == str(model)
     recipe = TinyRecipe(**TOY)
     assert card["config"]["timestep_shift"] == recipe.unet_timestep_shift  # it2v starts at pure noise
+    assert card["config"]["lora_targets"] == recipe.lora_targets == "attention+conv"
     precision = training_precision(recipe)  # bf16 on a GPU or an AVX-512 CPU, else fp32
     assert card["config"]["mixed_precision"] == precision
     assert json.loads((record / CARD_NAME).read_text())["config"]["mixed_precision"] == precision
@@ -222,6 +223,7 @@ def test_the_training_precision_is_bf16_only_where_the_machine_computes_it(monke
     ({"refine_curriculum": "random"}, "refine_curriculum='random': expected one of uniform, linear, adaptive"),
     ({"cpu_mixed_precision": "fp8"}, "cpu_mixed_precision='fp8'"),
     ({"sampler_scheduler": "pndm"}, "sampler_scheduler='pndm'"),
+    ({"lora_targets": "convs"}, r"lora_targets='convs': expected one of attention, attention\+conv"),
     ({"sampler_text_control_motions": 1}, "sampler_text_control_motions=1: expected at least 2"),
     ({"sampler_i2v_decodes": ["blurry"]}, r"sampler_i2v_decodes=\['blurry'\]: expected a non-empty list"),
 ])
