@@ -52,7 +52,7 @@ def build_split(count: int, num_frames: int, size: int, tasks: list[str]) -> lis
 class Timer:
     """Wall-clock and process CPU seconds of a block (CPU time is less hurt by other jobs on a shared machine)."""
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self.wall, self.cpu = time.perf_counter(), time.process_time()
         return self
 

@@ -27,8 +27,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rdtf.models import build_tiny_components, encode_text  # noqa: E402
-from rdtf.pipeline import RDTFPipeline, initial_noise, make_scheduler  # noqa: E402
+from rdtf.models import build_tiny_components, encode_text
+from rdtf.pipeline import RDTFPipeline, initial_noise, make_scheduler
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pipeline.md"
 

@@ -8,8 +8,9 @@ frame, say) raises :class:`NotApplicable` and that pair is skipped, not scored.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 

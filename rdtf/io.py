@@ -474,7 +474,7 @@ def probe_video(path: str | os.PathLike[str]) -> VideoInfo:
         [ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)], capture_output=True, text=True, errors="replace"
     )
     text = result.stderr
-    streams = re.findall(r"^\s*Stream #\d+:\d+.*?: (Video|Audio): (.*)$", text, re.M)
+    streams = re.findall(r"^\s*Stream #\d+:\d+.*?: (Video|Audio): (.*)$", text, re.MULTILINE)
     video = next((desc for kind, desc in streams if kind == "Video"), None)
     if video is None:
         reason = text.strip().splitlines()[-1] if text.strip() else "ffmpeg could not read it"
@@ -495,9 +495,9 @@ def probe_video(path: str | os.PathLike[str]) -> VideoInfo:
         height=height,
         fps=float(fps[1]) * (1000 if fps[2] else 1) if fps else None,
         duration_s=int(duration[1]) * 3600 + int(duration[2]) * 60 + float(duration[3]) if duration else None,
-        has_alpha=bool(re.search(r"^\s*alpha_mode\s*:\s*1\s*$", text, re.M)),
+        has_alpha=bool(re.search(r"^\s*alpha_mode\s*:\s*1\s*$", text, re.MULTILINE)),
         has_audio=any(kind == "Audio" for kind, _ in streams),
-        container=_first_group(r"^Input #0, ([\w,]+), from", text, re.M),
+        container=_first_group(r"^Input #0, ([\w,]+), from", text, re.MULTILINE),
     )
 
 

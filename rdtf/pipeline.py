@@ -48,7 +48,8 @@ from tqdm.auto import tqdm
 from rdtf.conditioning import conditioning_latents, diffusion_offset, filled_latents, interpolate_given
 from rdtf.flow_fill import encode_clips, flow_filled_frames
 from rdtf.io import SUFFIX_FORMATS, Clip, composite_over, write_clip
-from rdtf.masks import TASK_USES_TEXT, TASKS, condition_mask as task_condition_mask, mask_from_string
+from rdtf.masks import TASK_USES_TEXT, TASKS, mask_from_string
+from rdtf.masks import condition_mask as task_condition_mask
 from rdtf.models import (
     Components,
     decode_latents,

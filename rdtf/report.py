@@ -26,9 +26,10 @@ import io
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from rdtf.evaluate import METRICS, ROW_KEYS, EvalResult
 from rdtf.io import write_atomic

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from rdtf.cases import EvalCase
-from rdtf.io import Clip, composite_over, write_clip
-from rdtf.io import write_atomic
+from rdtf.io import Clip, composite_over, write_atomic, write_clip
 from rdtf.metrics import DEFAULT_BACKGROUND
 
 #: Columns narrower than this are enlarged by an integer factor.

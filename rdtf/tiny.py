@@ -58,14 +58,7 @@ from rdtf.pipeline import DECODES, SCHEDULERS, RDTFPipeline
 from rdtf.synthetic import build_sticker_set
 from rdtf.text_tower import METRICS_NAME as TEXT_TOWER_METRICS_NAME
 from rdtf.text_tower import pretrain_text_tower
-from rdtf.train import (
-    CARD_NAME,
-    LOG_NAME,
-    MIXED_PRECISIONS,
-    MODEL_DIR,
-    TrainConfig,
-    train,
-)
+from rdtf.train import CARD_NAME, LOG_NAME, MIXED_PRECISIONS, MODEL_DIR, TrainConfig, train
 
 RECIPE_NAME = "rdtf_recipe.json"
 SWEEP_NAME = "sampler_sweep.json"

@@ -20,10 +20,11 @@ import io
 import json
 import math
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,13 +46,7 @@ from rdtf.flow_fill import flow_fill_latents, video_frames
 from rdtf.io import write_atomic
 from rdtf.lora import LORA_PRESETS, attach_lora, save_lora
 from rdtf.masks import TASKS, condition_mask
-from rdtf.models import (
-    Components,
-    encode_text,
-    has_mask_channel,
-    load_components,
-    resolve_model_path,
-)
+from rdtf.models import Components, encode_text, has_mask_channel, load_components, resolve_model_path
 
 MIXED_PRECISIONS: tuple[str, ...] = ("no", "fp16", "bf16")  # accelerate's autocast choices
 CARD_NAME = "rdtf_card.json"

@@ -12,14 +12,7 @@ from built_in import built_in_dataset
 from diffusers import AutoencoderKL
 
 from rdtf import checkpoint as ckpt
-from rdtf.autoencoder import (
-    METRICS_NAME,
-    VAE_DIR,
-    AutoencoderConfig,
-    _frames,
-    reconstruction_psnr,
-    train_autoencoder,
-)
+from rdtf.autoencoder import METRICS_NAME, VAE_DIR, AutoencoderConfig, _frames, reconstruction_psnr, train_autoencoder
 from rdtf.data import StickerDataset
 from rdtf.models import build_tiny_vae
 

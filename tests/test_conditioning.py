@@ -10,13 +10,7 @@ import torch
 
 from rdtf.baselines import crossfade, flow_interpolation
 from rdtf.cases import EvalCase
-from rdtf.conditioning import (
-    between_given,
-    conditioning_latents,
-    diffusion_offset,
-    filled_latents,
-    interpolate_given,
-)
+from rdtf.conditioning import between_given, conditioning_latents, diffusion_offset, filled_latents, interpolate_given
 from rdtf.flow_fill import flow_fill_latents, flow_filled_frames
 from rdtf.masks import condition_mask
 from rdtf.metrics import frame_mse, psnr_from_mse

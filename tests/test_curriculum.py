@@ -205,7 +205,7 @@ def test_sampling_follows_the_schedule_over_training():
     curriculum = TaskCurriculum("linear", total_steps=1000, seed=7)
     early = [curriculum.sample_task(0) for _ in range(500)]
     late = [curriculum.sample_task(999) for _ in range(500)]
-    generation = lambda tasks: sum(TASK_GROUP[t] == "generation" for t in tasks) / len(tasks)  # noqa: E731
+    generation = lambda tasks: sum(TASK_GROUP[t] == "generation" for t in tasks) / len(tasks)
     assert generation(early) < 0.2 and generation(late) > 0.7
 
 

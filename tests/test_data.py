@@ -30,13 +30,7 @@ from rdtf.data import (
     sticker_keys,
 )
 from rdtf.io import Clip, read_clip, resample_clip, write_clip
-from rdtf.keyframes import (
-    decode_strip,
-    encode_strip,
-    fit_frames,
-    keyframe_durations,
-    select_keyframes,
-)
+from rdtf.keyframes import decode_strip, encode_strip, fit_frames, keyframe_durations, select_keyframes
 
 ROOT = Path(__file__).resolve().parents[1]
 

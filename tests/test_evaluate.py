@@ -24,14 +24,7 @@ from rdtf.evaluate import (
 from rdtf.io import Clip, read_clip
 from rdtf.plots import plot_metric_by_task, plot_metric_vs_parameter, plot_per_frame
 from rdtf.report import REPORT_HTML, REPORT_MD, RESULTS_JSON, ROWS_CSV, write_report
-from rdtf.strips import (
-    MIN_COLUMN_WIDTH,
-    compose_sheet,
-    compose_strip,
-    contact_sheet,
-    input_frames,
-    side_by_side_gif,
-)
+from rdtf.strips import MIN_COLUMN_WIDTH, compose_sheet, compose_strip, contact_sheet, input_frames, side_by_side_gif
 
 
 @pytest.fixture(autouse=True)

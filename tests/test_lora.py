@@ -22,12 +22,7 @@ from rdtf.lora import (
     save_lora,
     set_lora_scale,
 )
-from rdtf.models import (
-    MASK_CHANNEL_MODULES,
-    add_mask_channel,
-    build_tiny_components,
-    has_mask_channel,
-)
+from rdtf.models import MASK_CHANNEL_MODULES, add_mask_channel, build_tiny_components, has_mask_channel
 from rdtf.pipeline import RDTFPipeline
 
 

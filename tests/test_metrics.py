@@ -10,22 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from rdtf.backbones import (
-    Backbones,
-    feature_distance,
-    frechet_distance,
-    load_backbones,
-    resample_frames,
-)
+from rdtf.backbones import Backbones, feature_distance, frechet_distance, load_backbones, resample_frames
 from rdtf.flow import optical_flow, warp
-from rdtf.metrics import (
-    alpha_iou,
-    analyse_clip,
-    clip_metrics,
-    gradient_energy,
-    psnr_from_mse,
-    ssim,
-)
+from rdtf.metrics import alpha_iou, analyse_clip, clip_metrics, gradient_energy, psnr_from_mse, ssim
 
 
 @pytest.fixture(autouse=True)

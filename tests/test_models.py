@@ -27,12 +27,7 @@ from rdtf.models import (
     replace_text_encoder,
 )
 from rdtf.pipeline import RDTFPipeline
-from rdtf.tokenizer import (
-    CaptionTruncatedWarning,
-    build_byte_tokenizer,
-    build_char_tokenizer,
-    tokenize,
-)
+from rdtf.tokenizer import CaptionTruncatedWarning, build_byte_tokenizer, build_char_tokenizer, tokenize
 
 CHINESE = "一只戴着墨镜的小猫在挥手打招呼"
 ENGLISH = "a small cat in sunglasses waves hello"

@@ -23,12 +23,7 @@ from rdtf.cache import build_cache, encoder_fingerprint
 from rdtf.data import StickerDataset, prepare_dataset
 from rdtf.lora import load_lora
 from rdtf.masks import condition_mask
-from rdtf.models import (
-    RDTF_CONFIG_NAME,
-    build_tiny_components,
-    encode_text,
-    load_components,
-)
+from rdtf.models import RDTF_CONFIG_NAME, build_tiny_components, encode_text, load_components
 from rdtf.pipeline import RDTFPipeline
 from rdtf.train import (
     CARD_NAME,
