@@ -93,3 +93,14 @@ def test_the_shipped_lora_loads_onto_the_shipped_model():
 
     pipe = RDTFPipeline.from_pretrained(MODEL)
     assert load_lora(pipe, Path(LORA)) in pipe.components.unet.peft_config
+
+
+def test_the_shipped_lora_is_what_the_recipe_trains():
+    from rdtf.lora import LORA_PRESETS
+
+    recipe = TinyRecipe()
+    config = json.loads((LORA / "rdtf_card.json").read_text())["config"]
+    assert config["only_motions"] == [recipe.holdout_motion]
+    assert (config["max_steps"], config["lora_rank"], config["learning_rate"]) == (
+        recipe.lora_steps, recipe.lora_rank, recipe.lora_learning_rate)
+    assert config["lora_targets"] == LORA_PRESETS[recipe.lora_targets]
