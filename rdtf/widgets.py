@@ -20,6 +20,7 @@ import csv
 import hashlib
 import html
 import io
+import json
 import math
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -42,6 +43,7 @@ from rdtf.pipeline import (
     DECODES, INTERPOLATION_FACTORS, MAX_FRAMES, SCHEDULERS, RDTFPipeline, check_sampler_settings, fit_frames,
 )
 from rdtf.strips import compose_strip
+from rdtf.train import CARD_NAME
 
 #: Uploads larger than this are refused before decoding.
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -312,12 +314,26 @@ def save_sticker(clip: Clip, folder: str | Path, name: str, fmt: str) -> tuple[P
     return path, report.summary()
 
 
-def find_loras(root: str | Path) -> list[Path]:
-    """Folders under ``root`` holding a LoRA file (``pytorch_lora_weights.safetensors``), sorted."""
+def find_loras(root: str | Path, *, base: str | Path | None = None) -> list[Path]:
+    """Folders under ``root`` holding a LoRA file (``pytorch_lora_weights.safetensors``), sorted.
+
+    With ``base``, only the LoRAs whose training card names that base model (a hub id, or a
+    folder relative to the working directory as the trainer saw it): a LoRA only fits the
+    model it was trained on, so the shipped ``assets/`` LoRA is offered with the shipped model only.
+    """
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(file.parent for file in root.rglob(LORA_WEIGHT_NAME))
+    folders = sorted(file.parent for file in root.rglob(LORA_WEIGHT_NAME))
+    return folders if base is None else [folder for folder in folders if _trained_on(folder, base)]
+
+
+def _trained_on(folder: Path, base: str | Path) -> bool:
+    card = folder / CARD_NAME
+    if not card.is_file():
+        return False
+    trained = str(json.loads(card.read_text(encoding="utf-8")).get("base", ""))
+    return trained == str(base) or (Path(trained).exists() and Path(trained).resolve() == Path(base).resolve())
 
 
 # --------------------------------------------------------------------------- the widget UI

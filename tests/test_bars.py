@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,9 @@ def test_a_whole_run_on_a_toy_model_scores_every_bar_and_writes_its_table(data, 
     assert any("text control, Chinese" in name for name in names) and any("held-out motion" in name for name in names)
     assert all(np.isfinite(bar["measured"]) for bar in results["bars"])
     assert set(results["step_curve"]) == {"ddim-2", "dpm++-1", "dpm++-2"}
+    gain = next(bar for bar in results["bars"] if "held-out motion" in bar["bar"])
+    low, high = map(float, re.search(r"interval of the change (\S+) to (\S+) dB over 2 clips", gain["detail"]).groups())
+    assert low - 0.005 <= gain["measured"] <= high + 0.005  # the interval is of the per-clip change
 
     table = write_quality_bars(results, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "quality_bars.json").read_text())["total"] == 16

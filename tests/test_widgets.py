@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -435,3 +436,19 @@ def test_stills_pillow_cannot_finish_decoding_get_a_clear_message():
     Image.new("L", (6000, 6000)).save(huge, format="BMP")  # stills outside rdtf.io are checked here
     with pytest.raises(UploadError, match=r"6000x6000 image is over the \d+ pixel limit"):
         decode_upload(upload_entry("huge.bmp", huge.getvalue()), max_bytes=10**8)
+
+
+def test_find_loras_offers_only_the_loras_trained_on_the_given_base(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    for name, card in (("on-mine", {"base": "models/mine"}), ("on-hub", {"base": "org/model"}), ("no-card", None)):
+        folder = tmp_path / "loras" / name
+        folder.mkdir(parents=True)
+        (folder / "pytorch_lora_weights.safetensors").write_bytes(b"")
+        if card is not None:
+            (folder / "rdtf_card.json").write_text(json.dumps(card))
+    assert [f.name for f in find_loras("loras")] == ["no-card", "on-hub", "on-mine"]
+    assert [f.name for f in find_loras("loras", base=tmp_path / "models" / "mine")] == ["on-mine"]
+    assert [f.name for f in find_loras("loras", base="org/model")] == ["on-hub"]
+    assert find_loras("loras", base="models/other") == []
+
