@@ -24,8 +24,9 @@ Every stage runs on the GPU when there is one (training with ``gpu_mixed_precisi
 autocast). The shipped v6 trained its base UNet (1500 steps, 6.3 min) on one H200, then its
 refine phase (1000 steps, 70 min) and both sampler sweeps (21 min) on 2 CPU cores with AVX-512,
 the i2v sweep's redo (20 min) on 2 AVX2 cores and its LoRA (150 steps in fp32, rank 64, 28 min)
-on one AVX-512 core beside other runs; its text tower (30 s) and VAE come from the same recipe's earlier stages. On 2 CPU cores alone the
-base UNet takes about 105 min (4.2 s/step with bf16 autocast; 5 hours in fp32 without AVX-512).
+on one AVX-512 core beside other runs; its text tower (30 s) and VAE come from the same recipe's
+earlier stages. On 2 CPU cores alone the base UNet takes about 105 min (4.2 s/step with bf16
+autocast; 5 hours in fp32 without AVX-512).
 The VAE is v2's, trained by this recipe's VAE stage in 2 minutes on one H200 (3000 steps; about
 4 hours on 2 CPU cores).
 """
