@@ -298,6 +298,7 @@ def test_gradient_checkpointing_gives_the_plain_gradients():
         ({"mixed_precision": "fp8"}, "mixed_precision='fp8'"),
         ({"train_text_encoder": True}, "needs mode='full'"),
         ({"timestep_shift": 0.5}, "timestep_shift=0.5"),
+        ({"given_frames_max_strength": 0.0}, "given_frames_max_strength=0.0"),
     ],
 )
 def test_bad_settings_are_named(workspace, overrides, message):
@@ -384,6 +385,21 @@ def test_timestep_shift_reaches_the_generation_tasks_only(workspace):
     assert losses(["it2v"], "shift-it2v", timestep_shift=5.0)[0] != pytest.approx(losses(["it2v"], "plain-it2v")[0])
     refine = ["interpolation"]
     assert losses(refine, "shift-interp", timestep_shift=5.0) == pytest.approx(losses(refine, "plain-interp"))
+
+
+def test_given_frames_max_strength_keeps_refining_tasks_below_their_sampling_start(workspace):
+    ceiling = torch.tensor([0.2, 1.0]).repeat(10_000)
+    drawn = sample_timesteps(20_000, 1000, torch.tensor([1.0, 5.0]).repeat(10_000), torch.Generator(), ceiling)
+    low, shifted = drawn[0::2], drawn[1::2]
+    assert int(low.max()) < 200 and float(low.float().mean()) == pytest.approx(100, abs=3)  # uniform below 0.2
+    assert float(shifted.float().mean()) > 650  # the generation tasks keep their shift
+
+    def losses(tasks: list[str], out: str, **ceiling) -> list[float]:
+        return _logged_losses(train(_config(workspace, out, max_steps=2, tasks=tasks, **ceiling)))
+
+    refine = ["interpolation"]
+    assert losses(refine, "low-interp", given_frames_max_strength=0.2) != pytest.approx(losses(refine, "all-interp"))
+    assert losses(["it2v"], "low-it2v", given_frames_max_strength=0.2) == pytest.approx(losses(["it2v"], "all-it2v"))
 
 
 def test_ema_warms_up_so_the_random_start_fades_out():
