@@ -145,6 +145,10 @@ class TinyRecipe:
     lora_rank: int = 64
     lora_learning_rate: float = 2e-3
     lora_targets: str = "attention+conv"  # a preset of rdtf.lora.LORA_PRESETS
+    # the LoRA stage's autocast on every machine, GPU or CPU: a 150-step stage costs minutes in fp32, and so
+    # every machine trains the shipped LoRA (under the base's CPU bf16, an AVX-512 CPU trained a slightly
+    # different one than an AVX2 CPU, which falls back to fp32)
+    lora_mixed_precision: str = "no"
     validate_every: int = 2000
     checkpoint_every: int = 500
     # recommended sampler settings, chosen on val clips (it2v + interpolation PSNR) one after another:
@@ -196,6 +200,7 @@ class TinyRecipe:
             "refine_curriculum": CURRICULA,
             "gpu_mixed_precision": MIXED_PRECISIONS,
             "cpu_mixed_precision": MIXED_PRECISIONS,
+            "lora_mixed_precision": MIXED_PRECISIONS,
             "sampler_scheduler": SCHEDULERS,
             "lora_targets": LORA_PRESETS,
         }
@@ -373,6 +378,7 @@ def build_tiny_model(
             recipe, base=str(model_out), data=str(data), output_dir=str(lora_run), mode="lora",
             only_motions=[recipe.holdout_motion], max_steps=recipe.lora_steps, lora_rank=recipe.lora_rank,
             lora_targets=recipe.lora_targets, learning_rate=recipe.lora_learning_rate, lr_warmup_steps=10,
+            mixed_precision=recipe.lora_mixed_precision,
             progress=progress,
         ))
     if not (lora_out / CARD_NAME).exists():

@@ -104,3 +104,4 @@ def test_the_shipped_lora_is_what_the_recipe_trains():
     assert (config["max_steps"], config["lora_rank"], config["learning_rate"]) == (
         recipe.lora_steps, recipe.lora_rank, recipe.lora_learning_rate)
     assert config["lora_targets"] == LORA_PRESETS[recipe.lora_targets]
+    assert config["mixed_precision"] == recipe.lora_mixed_precision  # on any machine, not the base's CPU choice

@@ -90,8 +90,8 @@ def test_the_recipe_ships_a_model_with_its_record_and_a_lora(built):
     recipe = TinyRecipe(**TOY)
     assert card["config"]["timestep_shift"] == recipe.unet_timestep_shift  # it2v starts at pure noise
     assert card["config"]["lora_targets"] == recipe.lora_targets == "attention+conv"
-    precision = training_precision(recipe)  # bf16 on a GPU or an AVX-512 CPU, else fp32
-    assert card["config"]["mixed_precision"] == precision
+    assert card["config"]["mixed_precision"] == recipe.lora_mixed_precision == "no"  # on every machine
+    precision = training_precision(recipe)  # the base's: bf16 on a GPU or an AVX-512 CPU, else fp32
     assert json.loads((record / CARD_NAME).read_text())["config"]["mixed_precision"] == precision
     assert json.loads((record / CARD_NAME).read_text())["config"]["curriculum"] == "uniform"
     assert not list(model.parent.glob(".tmp-*")), "no staging folder may be left behind"
@@ -222,6 +222,7 @@ def test_the_training_precision_is_bf16_only_where_the_machine_computes_it(monke
     ({"curriculum": "random"}, "curriculum='random': expected one of uniform, linear, adaptive"),
     ({"refine_curriculum": "random"}, "refine_curriculum='random': expected one of uniform, linear, adaptive"),
     ({"cpu_mixed_precision": "fp8"}, "cpu_mixed_precision='fp8'"),
+    ({"lora_mixed_precision": "fp8"}, "lora_mixed_precision='fp8'"),
     ({"sampler_scheduler": "pndm"}, "sampler_scheduler='pndm'"),
     ({"lora_targets": "convs"}, r"lora_targets='convs': expected one of attention, attention\+conv"),
     ({"sampler_text_control_motions": 1}, "sampler_text_control_motions=1: expected at least 2"),
