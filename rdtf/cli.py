@@ -146,6 +146,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from rdtf.pipeline import RDTFPipeline
     from rdtf.report import write_report
 
+    if args.mean_of < 1:
+        raise ValueError(f"--mean-of {args.mean_of}: must be at least 1 (1: one sample per model only)")
     dataset = StickerDataset(args.data, split=args.split or None)
     items = [dataset[i] for i in range(min(len(dataset), args.limit or len(dataset)))]
     cases = cases_from_items(items, args.tasks)
@@ -158,6 +160,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         for path, scale in map(_lora_spec, loras):
             load_lora(pipeline, path, scale=scale)
         methods[name] = pipeline_method(pipeline, seed=args.seed, num_inference_steps=args.steps, progress=False)
+        if args.mean_of > 1:  # beside one sample: how much of the model's error is its spread
+            methods[f"{name}-mean{args.mean_of}"] = pipeline_method(
+                pipeline, samples=args.mean_of, seed=args.seed, num_inference_steps=args.steps, progress=False)
     result = evaluate_methods(cases, methods, baselines=not args.no_baselines, backbones=backbones)
     report = write_report(result, args.out)
     print(f"report: {report}")
@@ -337,6 +342,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     evaluate.add_argument("--steps", type=int, help="denoising steps (default: each model's recommended settings)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--limit", type=int, help="evaluate only the first N clips")
+    evaluate.add_argument("--mean-of", type=int, default=1, metavar="N",
+                          help="also score each model's mean of N samples (seeds SEED..SEED+N-1), NAME-meanN")
     evaluate.add_argument("--out", type=Path, default=Path("reports/evaluation"))
     evaluate.add_argument("--no-baselines", action="store_true")
     evaluate.add_argument("--clip-path", type=Path, help="local CLIP model folder (enables CLIP scores)")

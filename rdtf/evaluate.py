@@ -322,7 +322,9 @@ def _fvd_entries(features: dict[tuple[str, str], list[np.ndarray]]) -> list[dict
     return entries
 
 
-def pipeline_method(pipeline: Callable[..., Any], *, caption_language: str = "en", **call_kwargs: Any) -> Method:
+def pipeline_method(
+    pipeline: Callable[..., Any], *, caption_language: str = "en", samples: int = 1, **call_kwargs: Any
+) -> Method:
     """Wrap an :class:`rdtf.pipeline.RDTFPipeline` (or a callable with its keywords) as a method.
 
     Calls ``pipeline(frames=..., condition_mask=..., task=..., prompt=..., fps=...,
@@ -331,11 +333,20 @@ def pipeline_method(pipeline: Callable[..., Any], *, caption_language: str = "en
     others), at the ground truth's size unless ``call_kwargs`` says otherwise; accepts a
     :class:`rdtf.io.Clip` or an array back. Put the sampler settings
     (``seed``, ``num_inference_steps``, guidance, ``progress=False``) in ``call_kwargs``.
+
+    ``samples`` > 1 returns the mean of that many samples (seeds ``seed``, ``seed + 1``, ...):
+    the model's estimate of the expected clip, the prediction with the least squared error
+    when the ground truth is uncertain. Next to one sample it splits the model's error in two:
+    what the mean still loses is the model's bias, what one sample loses on top is its spread.
     """
     if caption_language not in ("en", "zh"):
         raise ValueError(f"caption_language={caption_language!r}: expected 'en' or 'zh'")
+    if not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples={samples!r}: must be an integer >= 1")
+    seeded = samples > 1 or "seed" in call_kwargs  # a callable without a seed keyword still works for one
+    first_seed = call_kwargs.pop("seed", 0)
 
-    def method(case: EvalCase) -> np.ndarray:
+    def sample(case: EvalCase, seed: int) -> np.ndarray:
         caption = case.caption_zh if caption_language == "zh" else case.caption_en
         output = pipeline(
             frames=case.frames,
@@ -344,8 +355,15 @@ def pipeline_method(pipeline: Callable[..., Any], *, caption_language: str = "en
             prompt=caption if TASK_USES_TEXT[case.task] else "",
             fps=case.fps,
             **{"height": case.frames.shape[1], "width": case.frames.shape[2], **call_kwargs},
+            **({"seed": seed} if seeded else {}),
         )
         return output.frames if isinstance(output, Clip) else np.asarray(output)
+
+    def method(case: EvalCase) -> np.ndarray:
+        if samples == 1:
+            return sample(case, first_seed)
+        stacked = np.stack([sample(case, first_seed + i).astype(np.float32) for i in range(samples)])
+        return np.clip(np.rint(stacked.mean(axis=0)), 0, 255).astype(np.uint8)
 
     return method
 

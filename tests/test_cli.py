@@ -108,6 +108,17 @@ def test_evaluate_compares_base_with_base_plus_lora(tiny_model, prepared, lora, 
     assert psnr["base"] != psnr["lora"]
 
 
+def test_evaluate_scores_the_mean_of_samples_beside_one_sample(tiny_model, prepared, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["evaluate", "--data", str(prepared), "--split", "", "--limit", "2", "--model", f"base={tiny_model}",
+                 "--tasks", "it2v", "--steps", "2", "--mean-of", "3", "--no-baselines", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    psnr = {row["method"]: row["psnr"] for row in rows if row["key"] == rows[0]["key"]}
+    assert set(psnr) == {"base", "base-mean3"} and psnr["base"] != psnr["base-mean3"]
+    assert main(["evaluate", "--data", str(prepared), "--model", str(tiny_model), "--mean-of", "0"]) == 2
+    assert "--mean-of 0" in capsys.readouterr().err
+
+
 def test_export_meets_a_preset(tmp_path, capsys):
     frames = np.random.default_rng(3).integers(0, 256, (6, 64, 64, 4), dtype=np.uint8)
     source = write_clip(Clip.from_fps(frames, 10), tmp_path / "in.png")

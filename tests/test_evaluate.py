@@ -223,6 +223,18 @@ def test_pipeline_method_passes_mask_and_caption_only_to_text_tasks(split):
     assert calls[1] == (interpolation.condition_mask.tolist(), "interpolation", "a ball rolls 0", 8.0, 3)
 
 
+def test_the_mean_of_samples_averages_one_sample_per_seed(split):
+    def pipeline(*, frames, seed, **_):  # a "model" whose sample is its seed, everywhere
+        return np.full_like(frames, 10 * seed)
+
+    case = split[0]
+    assert int(pipeline_method(pipeline, seed=3)(case).max()) == 30
+    mean = pipeline_method(pipeline, samples=4, seed=3)(case)  # seeds 3, 4, 5, 6
+    assert mean.dtype == np.uint8 and mean.shape == case.frames.shape and np.all(mean == 45)
+    with pytest.raises(ValueError, match="samples=0"):
+        pipeline_method(pipeline, samples=0)
+
+
 def test_fvd_is_computed_per_task_and_method_with_a_local_i3d(tmp_path, split):
     class ChannelStats(torch.nn.Module):
         def forward(self, videos: torch.Tensor, rescale: bool = False, resize: bool = False, return_features: bool = False) -> torch.Tensor:

@@ -166,7 +166,7 @@ def test_03_sample_interactive(workspace, tmp_path):
 def test_04_compare_ground_truth(workspace, tmp_path):
     parameters = dict(
         base=str(workspace / "model"), lora_path=str(workspace / "runs" / "tiny-lora"), data=str(workspace / "data"),
-        tasks=["i2v", "interpolation", "predict_forward"], num_clips=2, steps=2, examples_per_task=1,
+        tasks=["i2v", "interpolation", "predict_forward"], num_clips=2, steps=2, mean_of=2, examples_per_task=1,
         sweep_clips=1, sweep_steps=[1, 2], sweep_guidance=[1.0, 4.0], report_dir=str(tmp_path / "report"),
     )
     executed = run_notebook("04_compare_ground_truth", tmp_path / "out", parameters, timeout=CELL_TIMEOUT_S)
@@ -176,7 +176,7 @@ def test_04_compare_ground_truth(workspace, tmp_path):
     assert (report / "figures" / "sweep_psnr_vs_steps.png").is_file()
     assert (report / "figures" / "sweep_psnr_vs_guidance.png").is_file()
     results = json.loads((report / "results.json").read_text(encoding="utf-8"))
-    assert {"base", "base+LoRA"} <= set(results["methods"])
+    assert {"base", "base-mean2", "base+LoRA"} <= set(results["methods"])
     kinds, text = outputs(executed)
     assert {"image/gif", "image/png", "text/markdown"} <= kinds
     assert "| i2v |" in text and "base+LoRA" in text
