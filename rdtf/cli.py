@@ -141,7 +141,7 @@ def cmd_build_tiny(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from rdtf.backbones import load_backbones
     from rdtf.data import StickerDataset
-    from rdtf.evaluate import cases_from_items, evaluate_methods, pipeline_method
+    from rdtf.evaluate import cases_from_items, evaluate_methods, pipeline_methods
     from rdtf.lora import load_lora
     from rdtf.pipeline import RDTFPipeline
     from rdtf.report import write_report
@@ -159,10 +159,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         pipeline = RDTFPipeline.from_pretrained(base)
         for path, scale in map(_lora_spec, loras):
             load_lora(pipeline, path, scale=scale)
-        methods[name] = pipeline_method(pipeline, seed=args.seed, num_inference_steps=args.steps, progress=False)
-        if args.mean_of > 1:  # beside one sample: how much of the model's error is its spread
-            methods[f"{name}-mean{args.mean_of}"] = pipeline_method(
-                pipeline, samples=args.mean_of, seed=args.seed, num_inference_steps=args.steps, progress=False)
+        methods.update(pipeline_methods(name, pipeline, mean_of=args.mean_of, seed=args.seed,
+                                        num_inference_steps=args.steps, progress=False))
     result = evaluate_methods(cases, methods, baselines=not args.no_baselines, backbones=backbones)
     report = write_report(result, args.out)
     print(f"report: {report}")

@@ -343,10 +343,9 @@ def pipeline_method(
         raise ValueError(f"caption_language={caption_language!r}: expected 'en' or 'zh'")
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples={samples!r}: must be an integer >= 1")
-    seeded = samples > 1 or "seed" in call_kwargs  # a callable without a seed keyword still works for one
-    first_seed = call_kwargs.pop("seed", 0)
+    first_seed = call_kwargs.get("seed", 0)
 
-    def sample(case: EvalCase, seed: int) -> np.ndarray:
+    def sample(case: EvalCase, **overrides: Any) -> np.ndarray:
         caption = case.caption_zh if caption_language == "zh" else case.caption_en
         output = pipeline(
             frames=case.frames,
@@ -354,18 +353,27 @@ def pipeline_method(
             task=case.task,
             prompt=caption if TASK_USES_TEXT[case.task] else "",
             fps=case.fps,
-            **{"height": case.frames.shape[1], "width": case.frames.shape[2], **call_kwargs},
-            **({"seed": seed} if seeded else {}),
+            **{"height": case.frames.shape[1], "width": case.frames.shape[2], **call_kwargs, **overrides},
         )
         return output.frames if isinstance(output, Clip) else np.asarray(output)
 
     def method(case: EvalCase) -> np.ndarray:
         if samples == 1:
-            return sample(case, first_seed)
-        stacked = np.stack([sample(case, first_seed + i).astype(np.float32) for i in range(samples)])
+            return sample(case)
+        stacked = np.stack([sample(case, seed=first_seed + i).astype(np.float32) for i in range(samples)])
         return np.clip(np.rint(stacked.mean(axis=0)), 0, 255).astype(np.uint8)
 
     return method
+
+
+def pipeline_methods(name: str, pipeline: Callable[..., Any], *, mean_of: int = 1, **call_kwargs: Any
+                     ) -> dict[str, Method]:
+    """``name``: one sample of ``pipeline`` (:func:`pipeline_method`); with ``mean_of`` > 1 also
+    ``name-meanN``, its mean of that many samples, so the report shows the model's spread beside it."""
+    methods = {name: pipeline_method(pipeline, **call_kwargs)}
+    if mean_of > 1:
+        methods[f"{name}-mean{mean_of}"] = pipeline_method(pipeline, samples=mean_of, **call_kwargs)
+    return methods
 
 
 def sweep_methods(make_method: Callable[[float], Method], values: Iterable[float], parameter: str) -> dict[str, Method]:
