@@ -131,7 +131,8 @@ def cmd_build_tiny(args: argparse.Namespace) -> None:
     from rdtf.tiny import TinyRecipe, build_tiny_model
 
     recipe = TinyRecipe(**_dataclass_overrides(args, TinyRecipe))
-    model, lora = build_tiny_model(recipe, args.work_dir, args.out, progress=not args.quiet, stop_after=args.stop_after)
+    model, lora = build_tiny_model(recipe, args.work_dir, args.out, progress=not args.quiet, stop_after=args.stop_after,
+                                   from_model=args.from_model)
     if args.stop_after:
         print(f"stopped after the {args.stop_after} stage; the work folder is {args.work_dir}")
     else:
@@ -325,6 +326,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     tiny.add_argument("--quiet", action="store_true", help="no progress bars")
     tiny.add_argument("--stop-after", choices=("data", "vae", "init", "base", "lora", "sweep"),
                       help="run the stages up to this one only (rerun without it to continue)")
+    tiny.add_argument("--from-model", type=Path,
+                      help="start a new work folder from a model this recipe shipped (e.g. assets/rdtf-tiny): its "
+                           "record stands in for its stages, so an appended refine phase trains on from its weights")
     if wanted("build-tiny"):
         from rdtf.tiny import TinyRecipe
 

@@ -83,6 +83,11 @@ DERIVED_FIELDS: tuple[str, ...] = (
 CAPTION_FIELDS: tuple[str, ...] = ("caption_en", "caption_zh")
 
 
+def manifest_hash(data: str | Path) -> str:
+    """A prepared dataset's identity (its manifest's digest): what a training card records it trained on."""
+    return hashlib.sha256((Path(data) / MANIFEST_FILE).read_bytes()).hexdigest()[:16]
+
+
 class CaptionsError(ValueError):
     """A captions file that cannot be used at all (unknown format, no ``file`` column)."""
 

@@ -50,7 +50,7 @@ from rdtf.autoencoder import METRICS_NAME, VAE_DIR, AutoencoderConfig, train_aut
 from rdtf.bars import LANGUAGES, i2v_motion, text_control_hits, text_control_plans
 from rdtf.conditioning import CONDITION_FILLS, DIFFUSION_SPACES
 from rdtf.curriculum import CURRICULA
-from rdtf.data import StickerDataset, prepare_dataset
+from rdtf.data import StickerDataset, manifest_hash, prepare_dataset
 from rdtf.evaluate import cases_from_items, evaluate_methods, pipeline_method
 from rdtf.io import write_atomic
 from rdtf.lora import LORA_PRESETS
@@ -66,7 +66,7 @@ SWEEP_NAME = "sampler_sweep.json"
 TRAINING_DIR = "training"  # inside the shipped model: what produced it
 STAGES = ("data", "vae", "init", "base", "lora", "sweep")
 I2V_PREFIX = "sampler_i2v_"
-REFINE_PREFIX = "refine_"  # the refine phase's card and log in the shipped training record
+REFINE_FIELDS = ("refine_steps", "refine_learning_rate", "refine_batch_size")  # one entry per refine phase
 SWEPT_TASKS = ("it2v", "interpolation")  # scored by PSNR against the ground truth (i2v has its own sweep)
 
 
@@ -118,13 +118,16 @@ class TinyRecipe:
     # the task loss weights (rdtf.curriculum); under v5's flow fill the adaptive one gave interpolation,
     # whose residual loss is lowest, 0.06 of the weight in the last 250 steps (the generation tasks 0.25)
     curriculum: str = "adaptive"
-    # a second full-training phase from the base's weights (0: none), with its own curriculum and learning
-    # rate (warm restart of the cosine schedule); what a CPU can add to a model first trained on a GPU.
-    # v6: 1000 steps in 70 min on 2 CPU cores (4.2 s/step) lowered every validation loss (it2v 0.522 -> 0.489,
-    # interpolation 0.722 -> 0.685, i2v 0.540 -> 0.504) and raised the text influence (0.285 -> 0.336)
-    refine_steps: int = 1000
+    # further full-training phases, one after another from the previous phase's weights (none: []), each with
+    # its own steps, learning rate (a warm restart of the cosine schedule) and batch size, all under
+    # refine_curriculum. Appending a phase continues a finished build (or, with --from-model, the shipped model)
+    # from its last weights: how a later session, a GPU lease say, adds training without redoing the rest.
+    # v6's one phase: 1000 steps in 70 min on 2 CPU cores (4.2 s/step) lowered every validation loss (it2v
+    # 0.522 -> 0.489, interpolation 0.722 -> 0.685, i2v 0.540 -> 0.504), raised the text influence (0.285 -> 0.336)
+    refine_steps: list[int] = field(default_factory=lambda: [1000])
+    refine_learning_rate: list[float] = field(default_factory=lambda: [3e-4])
+    refine_batch_size: list[int] = field(default_factory=lambda: [32])
     refine_curriculum: str = "uniform"
-    refine_learning_rate: float = 3e-4
     ema_decay: float | None = 0.999
     gpu_mixed_precision: str = "bf16"  # autocast for both training stages when they run on a GPU
     # the same on a CPU: "bf16" trains the base UNet 1.38x faster in half the memory on a CPU with AVX-512 bf16
@@ -191,6 +194,25 @@ class TinyRecipe:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_record(cls, values: dict[str, Any]) -> TinyRecipe:
+        """The recipe a saved record describes; a field the record lacks is newer than it and had its default.
+
+        Records from before the refine phases were lists give one phase as numbers (0 steps: none),
+        trained at the recipe's batch size.
+        """
+        values = {**cls().to_dict(), **values}
+        if not isinstance(values["refine_steps"], list):
+            phases = 1 if values["refine_steps"] else 0
+            values["refine_steps"] = [values["refine_steps"]] * phases
+            values["refine_learning_rate"] = [values["refine_learning_rate"]] * phases
+            values["refine_batch_size"] = [values["batch_size"]] * phases
+        return cls(**values)
+
+    def refine_phases(self) -> list[tuple[int, float, int]]:
+        """(steps, learning rate, batch size) of each refine phase, in order."""
+        return list(zip(self.refine_steps, self.refine_learning_rate, self.refine_batch_size))
+
     def check(self) -> None:
         """Clear errors for a bad choice before any stage runs (the later stages come hours in on a CPU)."""
         choices = {
@@ -207,6 +229,13 @@ class TinyRecipe:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        lengths = {name: len(getattr(self, name)) for name in REFINE_FIELDS}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"{', '.join(f'{name}={getattr(self, name)}' for name in REFINE_FIELDS)}: "
+                             "expected one value per refine phase in each")
+        if any(steps < 1 for steps in self.refine_steps) or any(size < 1 for size in self.refine_batch_size):
+            raise ValueError(f"refine_steps={self.refine_steps}, refine_batch_size={self.refine_batch_size}: "
+                             "expected positive numbers")
         if self.sampler_text_control_motions < 2:  # one caption per image cannot show text control
             raise ValueError(f"sampler_text_control_motions={self.sampler_text_control_motions}: expected at least 2")
         for name in ("sampler_decodes", "sampler_i2v_decodes"):
@@ -281,6 +310,74 @@ def _train_config(recipe: TinyRecipe, **values) -> TrainConfig:
     return TrainConfig(**{**shared, **values})
 
 
+def phase_runs(work: Path, recipe: TinyRecipe) -> list[Path]:
+    """The work folder's run of each full-training phase: the base, then each refine phase in order."""
+    return [work / "base"] + [work / f"refine{number if number > 1 else ''}"
+                              for number in range(1, len(recipe.refine_steps) + 1)]
+
+
+def record_prefix(run: Path) -> str:
+    """What a phase's card and log are prefixed with in the shipped training record ("" for the base)."""
+    return "" if run.name == "base" else f"{run.name}_"
+
+
+def training_changes(before: TinyRecipe, after: TinyRecipe) -> list[str]:
+    """The training choices in which ``after`` differs from ``before``, whose finished stages it cannot reuse.
+
+    Sampler settings steer only the sweeps, and refine phases appended after ``before``'s continue
+    from its last weights, so neither counts.
+    """
+    old, new = before.to_dict(), after.to_dict()
+    appended = all(new[name][: len(old[name])] == old[name] for name in REFINE_FIELDS)
+    return sorted(name for name, value in new.items() if old[name] != value and name not in after.sweep_settings()
+                  and not (appended and name in REFINE_FIELDS))
+
+
+def adopt_model(recipe: TinyRecipe, model: Path, work: Path) -> None:
+    """Start the new work folder ``work`` from ``model``, shipped by this recipe, instead of redoing its stages.
+
+    The model's training record stands in for the stages that made it: its VAE, the cards and logs
+    of every training phase, its weights as the last phase's output (what an appended refine phase
+    starts from) and the LoRA beside it (``<model>-lora-<motion>``), if there is one. The data stage
+    runs as usual, and the build checks that its data is what the record trained on. Refused
+    unless ``recipe`` differs from the record's only in appended refine phases and sampler settings.
+    """
+    record = model / TRAINING_DIR
+    source = record / RECIPE_NAME
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: no such file; --from-model takes a model folder `rdtf build-tiny` shipped")
+    shipped = TinyRecipe.from_record(json.loads(source.read_text(encoding="utf-8")))
+    changed = training_changes(shipped, recipe)
+    if changed:
+        raise ValueError(f"{source}: {model} was built with other {changed}; only appended refine phases continue it")
+    if work.exists() and any(work.iterdir()):
+        raise ValueError(f"{work}: not empty and not a work folder of `rdtf build-tiny`; adopt into a new --work-dir")
+    staging = work.parent / f".adopt-{work.name}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    runs = phase_runs(staging, shipped)
+    for run in runs:
+        run.mkdir(parents=True)
+        for name in (CARD_NAME, LOG_NAME):
+            shutil.copy2(record / f"{record_prefix(run)}{name}", run / name)
+    shutil.copytree(model, runs[-1] / MODEL_DIR, ignore=shutil.ignore_patterns(TRAINING_DIR))
+    shutil.copytree(model / VAE_DIR, staging / "vae" / VAE_DIR)
+    shutil.copy2(record / METRICS_NAME, staging / "vae" / METRICS_NAME)
+    if (record / TEXT_TOWER_METRICS_NAME).exists():
+        shutil.copy2(record / TEXT_TOWER_METRICS_NAME, staging / TEXT_TOWER_METRICS_NAME)
+    lora = model.parent / f"{model.name}-lora-{shipped.holdout_motion}"
+    if (lora / CARD_NAME).exists():
+        shutil.copytree(lora, staging / f"lora-{shipped.holdout_motion}")
+    (staging / RECIPE_NAME).write_text(json.dumps(shipped.to_dict(), indent=2), encoding="utf-8")
+    if work.exists():
+        work.rmdir()
+    work.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, work)
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    return first.is_file() and second.is_file() and first.read_bytes() == second.read_bytes()
+
+
 def build_tiny_model(
     recipe: TinyRecipe,
     work_dir: str | os.PathLike = "runs/rdtf-tiny",
@@ -288,9 +385,12 @@ def build_tiny_model(
     lora_out: str | os.PathLike | None = None,
     progress: bool = True,
     stop_after: str | None = None,
+    from_model: str | os.PathLike | None = None,
 ) -> tuple[Path, Path]:
     """Run (or continue) every stage up to ``stop_after`` (one of :data:`STAGES`; default all).
 
+    ``from_model`` starts a new work folder from a model this recipe shipped (see :func:`adopt_model`):
+    with a refine phase appended, the build trains only that phase and what depends on it.
     Returns the shipped model folder and the LoRA folder, which exist once their stages ran.
     """
     if stop_after is not None and stop_after not in STAGES:
@@ -298,23 +398,28 @@ def build_tiny_model(
     recipe.check()
     work, model_out = Path(work_dir), Path(model_out)
     lora_out = Path(lora_out) if lora_out else model_out.parent / f"{model_out.name}-lora-{recipe.holdout_motion}"
-    work.mkdir(parents=True, exist_ok=True)
     recorded = work / RECIPE_NAME
+    if from_model is not None and not recorded.exists():
+        adopt_model(recipe, Path(from_model), work)
+    work.mkdir(parents=True, exist_ok=True)
     if recorded.exists():
-        # a field the folder's record lacks is newer than the folder, which was built with its default
-        before = {**TinyRecipe().to_dict(), **json.loads(recorded.read_text(encoding="utf-8"))}
-        changed = sorted(k for k, v in recipe.to_dict().items() if before[k] != v and k not in recipe.sweep_settings())
+        changed = training_changes(TinyRecipe.from_record(json.loads(recorded.read_text(encoding="utf-8"))), recipe)
         if changed:
             raise ValueError(f"{recorded}: this work folder was started with other {changed}; use a new --work-dir")
     write_atomic(recorded, json.dumps(recipe.to_dict(), indent=2).encode("utf-8"))
 
     stickers, data = work / "stickers", work / "data"
-    if not (stickers / "captions.jsonl").exists():
-        build_sticker_set(stickers, count=recipe.count, size=recipe.size, seed=recipe.seed,
-                          holdout_motion=recipe.holdout_motion, progress=progress)
     if not (data / "dataset.json").exists():
+        if not (stickers / "captions.jsonl").exists():
+            build_sticker_set(stickers, count=recipe.count, size=recipe.size, seed=recipe.seed,
+                              holdout_motion=recipe.holdout_motion, progress=progress)
         prepare_dataset(stickers, data, num_frames=recipe.num_frames, size=recipe.size, seed=recipe.seed,
                         progress=progress)
+    runs = phase_runs(work, recipe)
+    trained_on = runs[0] / CARD_NAME
+    if trained_on.exists() and json.loads(trained_on.read_text(encoding="utf-8"))["data_hash"] != manifest_hash(data):
+        raise ValueError(f"{data}: not the dataset {trained_on} records training on (another manifest hash); "
+                         "rebuild it with this recipe or use a new --work-dir")
     if stop_after == "data":
         return model_out, lora_out
 
@@ -328,8 +433,8 @@ def build_tiny_model(
     if stop_after == "vae":
         return model_out, lora_out
 
-    init = work / "init"
-    if not init.exists():
+    init = work / "init"  # the base phase's starting point
+    if not init.exists() and not trained_on.exists():
         components = dataclasses.replace(
             recipe.untrained_components(), vae=AutoencoderKL.from_pretrained(vae_run / VAE_DIR, use_safetensors=True))
         if recipe.text_tower_steps:
@@ -345,34 +450,33 @@ def build_tiny_model(
     if stop_after == "init":
         return model_out, lora_out
 
-    base_run, refine_run = work / "base", work / "refine"
-    # what both full-training phases share: every task, every motion but the held-out one
+    # what every full-training phase shares: every task, every motion but the held-out one
     full = {"data": str(data), "mode": "full", "exclude_motions": [recipe.holdout_motion], "snr_gamma": recipe.snr_gamma,
             "ema_decay": recipe.ema_decay, "progress": progress}
-    if not (base_run / CARD_NAME).exists():
+    if not trained_on.exists():
         train(_train_config(
-            recipe, **full, base=str(init), output_dir=str(base_run), max_steps=recipe.unet_steps,
+            recipe, **full, base=str(init), output_dir=str(runs[0]), max_steps=recipe.unet_steps,
             learning_rate=recipe.learning_rate, lr_warmup_steps=100, snr_gamma_steps=recipe.snr_gamma_steps,
         ))
-    if recipe.refine_steps and not (refine_run / CARD_NAME).exists():
-        train(_train_config(  # another seed: other batches than the base's first steps
-            recipe, **full, base=str(base_run / MODEL_DIR), output_dir=str(refine_run), max_steps=recipe.refine_steps,
-            seed=recipe.seed + 1, learning_rate=recipe.refine_learning_rate, lr_warmup_steps=50,
-            curriculum=recipe.refine_curriculum,
-        ))
-    shipped_run = refine_run if recipe.refine_steps else base_run
-    if not (model_out / TRAINING_DIR / CARD_NAME).exists():
+    for number, (run, (steps, learning_rate, batch_size)) in enumerate(zip(runs[1:], recipe.refine_phases()), 1):
+        if not (run / CARD_NAME).exists():
+            train(_train_config(  # another seed each: other batches than the earlier phases' first steps
+                recipe, **full, base=str(runs[number - 1] / MODEL_DIR), output_dir=str(run), max_steps=steps,
+                seed=recipe.seed + number, learning_rate=learning_rate, batch_size=batch_size, lr_warmup_steps=50,
+                curriculum=recipe.refine_curriculum,
+            ))
+    lora_run = work / f"lora-{recipe.holdout_motion}"
+    if not _same_file(model_out / TRAINING_DIR / f"{record_prefix(runs[-1])}{CARD_NAME}", runs[-1] / CARD_NAME):
+        shutil.rmtree(lora_run, ignore_errors=True)  # the LoRA of the model this one replaces
         staged = work / "shipped-model"
         shutil.rmtree(staged, ignore_errors=True)
-        shutil.copytree(shipped_run / MODEL_DIR, staged)
-        _copy_training_record(recipe, staged / TRAINING_DIR, base_run, vae_run, work / TEXT_TOWER_METRICS_NAME,
-                              refine_run if recipe.refine_steps else None)
+        shutil.copytree(runs[-1] / MODEL_DIR, staged)
+        _copy_training_record(recipe, staged / TRAINING_DIR, runs, vae_run, work / TEXT_TOWER_METRICS_NAME)
         _copy_into_place(staged, model_out)
         shutil.rmtree(staged)
     if stop_after == "base":
         return model_out, lora_out
 
-    lora_run = work / f"lora-{recipe.holdout_motion}"
     if not (lora_run / CARD_NAME).exists():
         train(_train_config(
             recipe, base=str(model_out), data=str(data), output_dir=str(lora_run), mode="lora",
@@ -381,7 +485,7 @@ def build_tiny_model(
             mixed_precision=recipe.lora_mixed_precision,
             progress=progress,
         ))
-    if not (lora_out / CARD_NAME).exists():
+    if not _same_file(lora_out / CARD_NAME, lora_run / CARD_NAME):
         staged = work / "shipped-lora"
         shutil.rmtree(staged, ignore_errors=True)
         staged.mkdir()
@@ -592,16 +696,14 @@ def fewest_steps_within(psnr_by_steps: dict[int, float], tolerance_db: float) ->
     return min(steps for steps, psnr in psnr_by_steps.items() if psnr >= good_enough)
 
 
-def _copy_training_record(recipe: TinyRecipe, record: Path, base_run: Path, vae_run: Path, text_tower: Path,
-                          refine_run: Path | None) -> None:
-    """The recipe, the UNet's card and log (and the refine phase's, prefixed ``refine_``), the VAE's metrics and
+def _copy_training_record(recipe: TinyRecipe, record: Path, runs: list[Path], vae_run: Path, text_tower: Path) -> None:
+    """The recipe, each training phase's card and log (prefixed by :func:`record_prefix`), the VAE's metrics and
     the text tower's (if pretrained), shipped next to the weights."""
     record.mkdir(parents=True)
     (record / RECIPE_NAME).write_text(json.dumps(recipe.to_dict(), indent=2), encoding="utf-8")
-    for name in (CARD_NAME, LOG_NAME):
-        shutil.copy2(base_run / name, record / name)
-        if refine_run is not None:
-            shutil.copy2(refine_run / name, record / f"{REFINE_PREFIX}{name}")
+    for run in runs:
+        for name in (CARD_NAME, LOG_NAME):
+            shutil.copy2(run / name, record / f"{record_prefix(run)}{name}")
     shutil.copy2(vae_run / METRICS_NAME, record / METRICS_NAME)
     if text_tower.exists():
         shutil.copy2(text_tower, record / text_tower.name)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io
 import json
 import math
@@ -41,7 +40,7 @@ from rdtf import checkpoint as ckpt
 from rdtf.cache import CachedClips, build_cache, encode_items, encoder_fingerprint
 from rdtf.conditioning import conditioning_latents, diffusion_offset
 from rdtf.curriculum import CURRICULA, TASK_GROUP, TaskCurriculum
-from rdtf.data import MANIFEST_FILE, StickerDataset
+from rdtf.data import StickerDataset, manifest_hash
 from rdtf.flow_fill import flow_fill_latents, video_frames
 from rdtf.io import write_atomic
 from rdtf.lora import LORA_PRESETS, attach_lora, save_lora
@@ -655,10 +654,6 @@ def _save_checkpoint(
     accelerator.wait_for_everyone()
 
 
-def _data_hash(config: TrainConfig) -> str:
-    return hashlib.sha256((Path(config.data) / MANIFEST_FILE).read_bytes()).hexdigest()[:16]
-
-
 def _save_output(
     config: TrainConfig,
     unet: torch.nn.Module,
@@ -679,7 +674,7 @@ def _save_output(
         "weights": str(weights.relative_to(out)),
         "base": config.base,
         "data": config.data,
-        "data_hash": _data_hash(config),
+        "data_hash": manifest_hash(config.data),
         "steps": step,
         "processes": processes,
         "final_metrics": {k: v for k, v in last.items() if k.startswith(("loss", "val_"))},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -346,6 +347,25 @@ def test_same_seed_builds_byte_identical_sets_and_other_seeds_differ(tmp_path):
     assert tree_bytes(first) == tree_bytes(second) == tree_bytes(fresh_process)
     assert tree_bytes(first)["captions.jsonl"] != tree_bytes(other)["captions.jsonl"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c", "d"]  # no staging folders left
+
+
+#: The pixels of ``build_sticker_set(count=24, size=64, seed=0)``, as rendered when rdtf-tiny's data was built
+#: (its manifest hash 98bf62716b317bba). OpenCV 4.x renders f9f7fab0542a5ca3 and 5.1 a76634d672034fd2 instead:
+#: warpAffine's rounding moved, and with it every moving frame of the set a model is trained and scored on.
+BUILT_IN_PIXELS = "66cddee0f2166f7e"
+
+
+def test_the_built_in_set_renders_the_pixels_rdtf_tiny_was_trained_on(tmp_path):
+    import cv2
+    import PIL
+
+    root = build_sticker_set(tmp_path / "set", count=24, size=64, seed=0, progress=False)
+    digest = hashlib.sha256()
+    for line in (root / "captions.jsonl").read_text(encoding="utf-8").splitlines():
+        digest.update(np.ascontiguousarray(read_clip(root / json.loads(line)["file"]).frames).tobytes())
+    assert digest.hexdigest()[:16] == BUILT_IN_PIXELS, (
+        f"the built-in set renders other pixels under OpenCV {cv2.__version__} and Pillow {PIL.__version__} than the "
+        "data rdtf-tiny was trained on: install the versions pyproject.toml asks for")
 
 
 def test_built_set_layout_records_and_files(tmp_path):

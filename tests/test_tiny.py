@@ -14,7 +14,6 @@ from rdtf.lora import load_lora
 from rdtf.pipeline import RDTFPipeline
 from rdtf.tiny import (
     RECIPE_NAME,
-    REFINE_PREFIX,
     SWEEP_NAME,
     TRAINING_DIR,
     TinyRecipe,
@@ -22,12 +21,13 @@ from rdtf.tiny import (
     build_tiny_model,
     fewest_steps_within,
     most_lifelike,
+    training_changes,
     training_precision,
 )
 from rdtf.train import CARD_NAME, LOG_NAME, MODEL_DIR
 
 TOY = dict(count=40, size=32, vae_channels=[8, 16], latent_channels=6, vae_steps=3, vae_batch_size=4, unet_channels=[8, 16],
-           unet_attention_head_dim=8, text_width=8, text_tower_steps=2, unet_steps=3, refine_steps=2, refine_curriculum="adaptive", refine_learning_rate=5e-3, batch_size=2, lora_steps=2, lora_rank=2, validate_every=3,
+           unet_attention_head_dim=8, text_width=8, text_tower_steps=2, unet_steps=3, refine_steps=[2], refine_curriculum="adaptive", refine_learning_rate=[5e-3], refine_batch_size=[2], batch_size=2, lora_steps=2, lora_rank=2, validate_every=3,
            gpu_mixed_precision="bf16", cpu_mixed_precision="bf16", curriculum="uniform",
            sampler_strengths=[1.0, 0.5], sampler_decodes=["direct", "residual"], sampler_step_counts=[1, 2], sampler_step_tolerance_db=100.0, sampler_text_guidance=[1.0, 3.0], sampler_image_guidance=[1.0], sampler_clips=2, sampler_text_control_motions=2, sampler_text_control_tolerance=0.25, sampler_i2v_step_counts=[2, 1], sampler_i2v_strengths=[1.0, 0.5], sampler_i2v_decodes=["direct"], sampler_i2v_clips=2)
 
@@ -186,12 +186,76 @@ def test_the_refine_phase_trains_on_from_the_base_and_ships_its_weights_and_reco
     shipped = load_file(model / unet)
     assert all(torch.equal(shipped[k], v) for k, v in load_file(work / "refine" / MODEL_DIR / unet).items())
     assert any(not torch.equal(shipped[k], v) for k, v in load_file(work / "base" / MODEL_DIR / unet).items())
-    card = json.loads((model / TRAINING_DIR / f"{REFINE_PREFIX}{CARD_NAME}").read_text())
+    card = json.loads((model / TRAINING_DIR / f"refine_{CARD_NAME}").read_text())
     assert card["steps"] == 2 and card["base"] == str(work / "base" / MODEL_DIR)
     assert card["config"]["curriculum"] == "adaptive" and card["config"]["learning_rate"] == 5e-3
     assert card["config"]["seed"] == TOY.get("seed", 0) + 1 and card["config"]["exclude_motions"] == ["spin"]
     assert json.loads((model / TRAINING_DIR / CARD_NAME).read_text())["steps"] == 3  # the base's record stays
-    assert (model / TRAINING_DIR / f"{REFINE_PREFIX}{LOG_NAME}").exists()
+    assert (model / TRAINING_DIR / f"refine_{LOG_NAME}").exists()
+
+
+def test_an_appended_refine_phase_trains_on_from_the_shipped_model_in_a_new_work_folder(built, tmp_path):
+    root, model, lora = built
+    unet = Path("unet") / "diffusion_pytorch_model.safetensors"
+    longer = {**TOY, "refine_steps": [2, 2], "refine_learning_rate": [5e-3, 1e-3], "refine_batch_size": [2, 3]}
+    work, out = tmp_path / "work", tmp_path / "toy"
+    build_tiny_model(TinyRecipe(**longer), work, out, progress=False, stop_after="lora", from_model=model)
+    # the record stood in for the finished stages: nothing before the new phase was trained again
+    assert (work / "vae" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == (
+        model / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert not (work / "init").exists() and not (work / "base" / MODEL_DIR).exists()
+    assert (work / "refine" / MODEL_DIR / unet).read_bytes() == (model / unet).read_bytes()
+    card = json.loads((work / "refine2" / CARD_NAME).read_text())
+    assert card["steps"] == 2 and card["base"] == str(work / "refine" / MODEL_DIR)
+    assert (card["config"]["batch_size"], card["config"]["learning_rate"]) == (3, 1e-3)
+    assert card["config"]["seed"] == TOY.get("seed", 0) + 2
+    # what ships is the new phase's model, with every phase's record, and a LoRA trained on it
+    assert (out / unet).read_bytes() == (work / "refine2" / MODEL_DIR / unet).read_bytes() != (model / unet).read_bytes()
+    record = out / TRAINING_DIR
+    for prefix in ("", "refine_"):
+        assert (record / f"{prefix}{CARD_NAME}").read_bytes() == (model / TRAINING_DIR / f"{prefix}{CARD_NAME}").read_bytes()
+    assert json.loads((record / f"refine2_{CARD_NAME}").read_text()) == card
+    assert json.loads((record / RECIPE_NAME).read_text())["refine_batch_size"] == [2, 3]
+    new_lora = out.parent / "toy-lora-spin"
+    assert json.loads((new_lora / CARD_NAME).read_text())["base"] == str(out)
+    weights = "pytorch_lora_weights.safetensors"
+    assert (new_lora / weights).read_bytes() != (lora / weights).read_bytes()
+    # a work folder whose data is not what its record trained on is refused before any training
+    base_card = work / "base" / CARD_NAME
+    base_card.write_text(json.dumps({**json.loads(base_card.read_text()), "data_hash": "0" * 16}))
+    with pytest.raises(ValueError, match="not the dataset .* records training on"):
+        build_tiny_model(TinyRecipe(**longer), work, out, progress=False, stop_after="lora")
+
+
+def test_adopting_a_model_is_refused_for_other_training_choices_or_a_used_folder(built, tmp_path):
+    _, model, _ = built
+    with pytest.raises(ValueError, match=r"built with other \['seed'\]; only appended refine phases continue it"):
+        build_tiny_model(TinyRecipe(**{**TOY, "seed": 3}), tmp_path / "work", tmp_path / "toy", from_model=model)
+    assert not (tmp_path / "work").exists()
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty and not a work folder"):
+        build_tiny_model(TinyRecipe(**TOY), tmp_path / "used", tmp_path / "toy", from_model=model)
+    assert (tmp_path / "used" / "notes.txt").read_text() == "mine"
+    with pytest.raises(FileNotFoundError, match="--from-model takes a model folder"):
+        build_tiny_model(TinyRecipe(**TOY), tmp_path / "work", tmp_path / "toy", from_model=tmp_path / "used")
+
+
+def test_refine_phases_may_be_appended_but_not_changed_or_dropped():
+    recipe = TinyRecipe(**TOY)
+    longer = TinyRecipe(**{**TOY, "refine_steps": [2, 5], "refine_learning_rate": [5e-3, 1e-4], "refine_batch_size": [2, 8]})
+    assert training_changes(recipe, longer) == []
+    assert training_changes(longer, recipe) == ["refine_batch_size", "refine_learning_rate", "refine_steps"]
+    other = TinyRecipe(**{**TOY, "refine_steps": [3]})
+    assert training_changes(recipe, other) == ["refine_steps"]
+
+
+def test_a_record_from_before_refine_phases_were_lists_reads_as_one_phase_or_none():
+    old = {"refine_steps": 1000, "refine_learning_rate": 3e-4, "batch_size": 16}
+    recipe = TinyRecipe.from_record(old)
+    assert recipe.refine_phases() == [(1000, 3e-4, 16)]
+    assert TinyRecipe.from_record({**old, "refine_steps": 0}).refine_phases() == []
+    assert TinyRecipe.from_record({}) == TinyRecipe()  # fields newer than a record keep their defaults
 
 
 def test_it2v_takes_the_best_psnr_among_the_options_that_follow_the_caption():
@@ -226,6 +290,8 @@ def test_the_training_precision_is_bf16_only_where_the_machine_computes_it(monke
     ({"sampler_scheduler": "pndm"}, "sampler_scheduler='pndm'"),
     ({"lora_targets": "convs"}, r"lora_targets='convs': expected one of attention, attention\+conv"),
     ({"sampler_text_control_motions": 1}, "sampler_text_control_motions=1: expected at least 2"),
+    ({"refine_batch_size": [2, 4]}, r"refine_batch_size=\[2, 4\]: expected one value per refine phase"),
+    ({"refine_steps": [0], "refine_learning_rate": [1e-3]}, r"refine_steps=\[0\].*: expected positive numbers"),
     ({"sampler_i2v_decodes": ["blurry"]}, r"sampler_i2v_decodes=\['blurry'\]: expected a non-empty list"),
 ])
 def test_a_bad_recipe_choice_is_refused_before_any_stage_runs(tmp_path, change, message):
