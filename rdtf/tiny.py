@@ -69,7 +69,7 @@ SWEEP_NAME = "sampler_sweep.json"
 TRAINING_DIR = "training"  # inside the shipped model: what produced it
 STAGES = ("data", "vae", "init", "base", "lora", "sweep")
 I2V_PREFIX = "sampler_i2v_"
-LORA_STAMP = "lora_stage.json"  # in the LoRA's run: the model (its last phase's card) and settings it trains with
+LORA_STAMP = "lora_stage.json"  # with a LoRA: the model (its last phase's card) and the settings it was trained with
 LORA_PREFIX = "lora_"
 REFINE_FIELDS = ("refine_steps", "refine_learning_rate", "refine_batch_size")  # one entry per refine phase
 SWEPT_TASKS = ("it2v", "interpolation")  # scored by PSNR against the ground truth (i2v has its own sweep)
@@ -354,10 +354,10 @@ def adopt_model(recipe: TinyRecipe, model: Path, work: Path) -> None:
 
     The model's training record stands in for the stages that made it: its VAE, the cards and logs
     of every training phase, its weights as the last phase's output (what an appended refine phase
-    starts from) and the LoRA beside it (``<model>-lora-<motion>``), if there is one. The data stage
-    runs as usual (or finds its output already in ``work``), and the build checks that the data is
-    what the record trained on. Refused unless ``recipe`` differs from the record's only in appended
-    refine phases and sampler settings.
+    starts from) and the LoRA beside it (``<model>-lora-<motion>``) if its stamp says it was trained
+    on this model. The data stage runs as usual (or finds its output already in ``work``), and the
+    build checks that the data is what the record trained on. Refused unless ``recipe`` differs from
+    the record's only in appended refine phases, LoRA settings and sampler settings.
     """
     record = model / TRAINING_DIR
     source = record / RECIPE_NAME
@@ -386,10 +386,10 @@ def adopt_model(recipe: TinyRecipe, model: Path, work: Path) -> None:
     if (record / TEXT_TOWER_METRICS_NAME).exists():
         shutil.copy2(record / TEXT_TOWER_METRICS_NAME, staging / TEXT_TOWER_METRICS_NAME)
     lora = model.parent / f"{model.name}-lora-{shipped.holdout_motion}"
-    if (lora / CARD_NAME).exists():  # shipped beside the model by the same build: trained on it, as recorded
+    stamp = lora / LORA_STAMP  # shipped with the LoRA: the model it was trained on, which may be an earlier one
+    if stamp.exists() and json.loads(stamp.read_text(encoding="utf-8"))["base_card"] == json.loads(
+            (runs[-1] / CARD_NAME).read_text(encoding="utf-8")):
         shutil.copytree(lora, staging / f"lora-{shipped.holdout_motion}")
-        stamp = _lora_stamp(runs[-1] / CARD_NAME, shipped)
-        (staging / f"lora-{shipped.holdout_motion}" / LORA_STAMP).write_text(json.dumps(stamp, indent=2), encoding="utf-8")
     work.mkdir(parents=True, exist_ok=True)
     for staged in staging.iterdir():
         os.replace(staged, work / staged.name)
@@ -517,7 +517,7 @@ def build_tiny_model(
         staged = work / "shipped-lora"
         shutil.rmtree(staged, ignore_errors=True)
         staged.mkdir()
-        for name in ("pytorch_lora_weights.safetensors", CARD_NAME, LOG_NAME):
+        for name in ("pytorch_lora_weights.safetensors", CARD_NAME, LOG_NAME, LORA_STAMP):
             shutil.copy2(lora_run / name, staged / name)
         _copy_into_place(staged, lora_out)
         shutil.rmtree(staged)

@@ -18,7 +18,7 @@ from rdtf.bars import BarSettings, task_bars, text_control_bars
 from rdtf.data import StickerDataset
 from rdtf.notebooks import kit_root
 from rdtf.pipeline import RDTFPipeline
-from rdtf.tiny import TinyRecipe
+from rdtf.tiny import TinyRecipe, phase_runs, record_prefix
 
 REDUCED_CLIPS = 3
 #: (bar, smallest measured value accepted here). rdtf-tiny v6 meets the i2v motion, sharpness and
@@ -105,3 +105,8 @@ def test_the_shipped_lora_is_what_the_recipe_trains():
         recipe.lora_steps, recipe.lora_rank, recipe.lora_learning_rate)
     assert config["lora_targets"] == LORA_PRESETS[recipe.lora_targets]
     assert config["mixed_precision"] == recipe.lora_mixed_precision  # on any machine, not the base's CPU choice
+    # its stamp names the shipped model's last training phase, so `build-tiny --from-model` adopts it
+    stamp = json.loads((LORA / "lora_stage.json").read_text())
+    last_phase = record_prefix(phase_runs(Path(), recipe)[-1])
+    assert stamp["base_card"] == json.loads((MODEL / "training" / f"{last_phase}rdtf_card.json").read_text())
+    assert stamp["settings"] == recipe.lora_settings()

@@ -257,6 +257,19 @@ def test_adopting_a_model_is_refused_for_other_training_choices_or_a_used_folder
         build_tiny_model(TinyRecipe(**TOY), tmp_path / "work", tmp_path / "toy", from_model=tmp_path / "used")
 
 
+def test_a_lora_trained_on_another_model_is_not_adopted(built, tmp_path):
+    _, model, lora = built
+    shutil.copytree(model, tmp_path / "toy")
+    shutil.copytree(lora, tmp_path / "toy-lora-spin")
+    stamp_file = tmp_path / "toy-lora-spin" / LORA_STAMP
+    stamp = json.loads(stamp_file.read_text())
+    assert stamp["base_card"] == json.loads((model / TRAINING_DIR / f"refine_{CARD_NAME}").read_text())
+    stamp_file.write_text(json.dumps({**stamp, "base_card": {**stamp["base_card"], "steps": 1}}))  # an earlier model
+    build_tiny_model(TinyRecipe(**TOY), tmp_path / "work", tmp_path / "out", progress=False, stop_after="data",
+                     from_model=tmp_path / "toy")
+    assert (tmp_path / "work" / "refine" / MODEL_DIR).is_dir() and not (tmp_path / "work" / "lora-spin").exists()
+
+
 def test_refine_phases_may_be_appended_but_not_changed_or_dropped():
     recipe = TinyRecipe(**TOY)
     longer = TinyRecipe(**{**TOY, "refine_steps": [2, 5], "refine_learning_rate": [5e-3, 1e-4], "refine_batch_size": [2, 8]})
