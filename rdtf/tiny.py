@@ -442,8 +442,9 @@ def build_tiny_model(
     runs = phase_runs(work, recipe)
     trained_on = runs[0] / CARD_NAME
     if trained_on.exists() and json.loads(trained_on.read_text(encoding="utf-8"))["data_hash"] != manifest_hash(data):
-        raise ValueError(f"{data}: not the dataset {trained_on} records training on (another manifest hash); "
-                         "rebuild it with this recipe or use a new --work-dir")
+        raise ValueError(f"{data}: not the dataset {trained_on} records training on (another manifest hash; the "
+                         "built-in set renders differently under other OpenCV or Pillow versions than pyproject.toml "
+                         "asks for); rebuild it with this recipe and those versions, or use a new --work-dir")
     if stop_after == "data":
         return model_out, lora_out
 
