@@ -170,3 +170,16 @@ def test_help_and_light_commands_start_without_torch():
         return subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, check=True).stdout
     assert run("--help").split() == ["False", "True", "False"]
     assert run("train", "--help").split()[::2] == ["True", "True"]
+
+
+def test_build_tiny_takes_refine_phases_as_lists_and_a_model_to_start_from(tmp_path, capsys):
+    from rdtf.cli import _dataclass_overrides, build_parser
+    from rdtf.tiny import TinyRecipe
+
+    phases = ["--refine-steps", "1000", "600", "--refine-learning-rate", "3e-4", "1e-4", "--refine-batch-size", "32", "128"]
+    args = build_parser("build-tiny").parse_args(["build-tiny", *phases])
+    assert TinyRecipe(**_dataclass_overrides(args, TinyRecipe)).refine_phases() == [(1000, 3e-4, 32), (600, 1e-4, 128)]
+    assert main(["build-tiny", "--from-model", str(tmp_path / "no-model"), "--work-dir", str(tmp_path / "work"),
+                 *phases]) != 0
+    assert "no-model/training/rdtf_recipe.json: no such file; --from-model takes a model folder" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
