@@ -617,6 +617,7 @@ def build_sticker_set(
     """
     out_dir = Path(out_dir).absolute()
     samples = sample_specs(count, seed=seed, size=size, holdout_motion=holdout_motion, split_seed=split_seed)
+    openmoji = _openmoji()
     manifest = {
         "generator": GENERATOR,
         "version": GENERATOR_VERSION,
@@ -627,9 +628,9 @@ def build_sticker_set(
         "holdout_motion": holdout_motion,
         "motions": list(MOTIONS),
         "splits": {name: sum(s.split == name for s in samples) for name in SPLITS},
-        "art": f"OpenMoji {_openmoji().VERSION}",
-        "license": _openmoji().LICENSE,
-        "attribution": _openmoji().ATTRIBUTION,
+        "art": f"OpenMoji {openmoji.VERSION}",
+        "license": openmoji.LICENSE,
+        "attribution": openmoji.ATTRIBUTION,
     }
     existing = _existing_manifest(out_dir)
     if existing == manifest:

@@ -234,8 +234,7 @@ class TinyRecipe:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
-        lengths = {name: len(getattr(self, name)) for name in REFINE_FIELDS}
-        if len(set(lengths.values())) > 1:
+        if len({len(getattr(self, name)) for name in REFINE_FIELDS}) > 1:
             raise ValueError(f"{', '.join(f'{name}={getattr(self, name)}' for name in REFINE_FIELDS)}: "
                              "expected one value per refine phase in each")
         if any(steps < 1 for steps in self.refine_steps) or any(size < 1 for size in self.refine_batch_size):
@@ -325,6 +324,16 @@ def phase_runs(work: Path, recipe: TinyRecipe) -> list[Path]:
                               for number in range(1, len(recipe.refine_steps) + 1)]
 
 
+def lora_run(work: Path, recipe: TinyRecipe) -> Path:
+    """The work folder's run of the held-out-motion LoRA."""
+    return work / f"lora-{recipe.holdout_motion}"
+
+
+def lora_beside(model: Path, recipe: TinyRecipe) -> Path:
+    """Where a build ships the LoRA of the model it ships to ``model``."""
+    return model.parent / f"{model.name}-lora-{recipe.holdout_motion}"
+
+
 def record_prefix(run: Path) -> str:
     """What a phase's card and log are prefixed with in the shipped training record ("" for the base)."""
     return "" if run.name == "base" else f"{run.name}_"
@@ -385,11 +394,10 @@ def adopt_model(recipe: TinyRecipe, model: Path, work: Path) -> None:
     shutil.copy2(record / METRICS_NAME, staging / "vae" / METRICS_NAME)
     if (record / TEXT_TOWER_METRICS_NAME).exists():
         shutil.copy2(record / TEXT_TOWER_METRICS_NAME, staging / TEXT_TOWER_METRICS_NAME)
-    lora = model.parent / f"{model.name}-lora-{shipped.holdout_motion}"
+    lora = lora_beside(model, shipped)
     stamp = lora / LORA_STAMP  # shipped with the LoRA: the model it was trained on, which may be an earlier one
-    if stamp.exists() and json.loads(stamp.read_text(encoding="utf-8"))["base_card"] == json.loads(
-            (runs[-1] / CARD_NAME).read_text(encoding="utf-8")):
-        shutil.copytree(lora, staging / f"lora-{shipped.holdout_motion}")
+    if stamp.exists() and json.loads(stamp.read_text(encoding="utf-8")) == _lora_stamp(runs[-1] / CARD_NAME, shipped):
+        shutil.copytree(lora, lora_run(staging, shipped))
     work.mkdir(parents=True, exist_ok=True)
     for staged in staging.iterdir():
         os.replace(staged, work / staged.name)
@@ -421,7 +429,7 @@ def build_tiny_model(
         raise ValueError(f"stop_after={stop_after!r}: expected one of {', '.join(STAGES)}")
     recipe.check()
     work, model_out = Path(work_dir), Path(model_out)
-    lora_out = Path(lora_out) if lora_out else model_out.parent / f"{model_out.name}-lora-{recipe.holdout_motion}"
+    lora_out = Path(lora_out) if lora_out else lora_beside(model_out, recipe)
     recorded = work / RECIPE_NAME
     if from_model is not None and not recorded.exists():
         adopt_model(recipe, Path(from_model), work)
@@ -500,26 +508,26 @@ def build_tiny_model(
     if stop_after == "base":
         return model_out, lora_out
 
-    lora_run = work / f"lora-{recipe.holdout_motion}"
-    stamp, stamp_file = _lora_stamp(runs[-1] / CARD_NAME, recipe), lora_run / LORA_STAMP
+    lora_work = lora_run(work, recipe)
+    stamp, stamp_file = _lora_stamp(runs[-1] / CARD_NAME, recipe), lora_work / LORA_STAMP
     if not stamp_file.exists() or json.loads(stamp_file.read_text(encoding="utf-8")) != stamp:
-        shutil.rmtree(lora_run, ignore_errors=True)  # a LoRA (or a part-trained one) of another model or settings
-        lora_run.mkdir(parents=True)
+        shutil.rmtree(lora_work, ignore_errors=True)  # a LoRA (or a part-trained one) of another model or settings
+        lora_work.mkdir(parents=True)
         write_atomic(stamp_file, json.dumps(stamp, indent=2).encode("utf-8"))
-    if not (lora_run / CARD_NAME).exists():
+    if not (lora_work / CARD_NAME).exists():
         train(_train_config(
-            recipe, base=str(model_out), data=str(data), output_dir=str(lora_run), mode="lora",
+            recipe, base=str(model_out), data=str(data), output_dir=str(lora_work), mode="lora",
             only_motions=[recipe.holdout_motion], max_steps=recipe.lora_steps, lora_rank=recipe.lora_rank,
             lora_targets=recipe.lora_targets, learning_rate=recipe.lora_learning_rate, lr_warmup_steps=10,
             mixed_precision=recipe.lora_mixed_precision,
             progress=progress,
         ))
-    if not _same_file(lora_out / CARD_NAME, lora_run / CARD_NAME):
+    if not _same_file(lora_out / CARD_NAME, lora_work / CARD_NAME):
         staged = work / "shipped-lora"
         shutil.rmtree(staged, ignore_errors=True)
         staged.mkdir()
         for name in ("pytorch_lora_weights.safetensors", CARD_NAME, LOG_NAME, LORA_STAMP):
-            shutil.copy2(lora_run / name, staged / name)
+            shutil.copy2(lora_work / name, staged / name)
         _copy_into_place(staged, lora_out)
         shutil.rmtree(staged)
     if stop_after == "lora":
